@@ -1,0 +1,520 @@
+"""Stateless reference ops in plain PyTorch.
+
+These functions define the results of the library: every Triton kernel is tested against them, and they are the path
+taken on CPU. They are vectorised over the batch (no Python loop over samples) and never modify their inputs.
+
+Notation: ``B`` batch, ``H`` heads, ``N`` tokens, ``D`` feature width, ``L`` layers, ``k`` kept tokens. Rows of an
+attention map are queries, columns are keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FUSION_MODES",
+    "PROTECT_MODES",
+    "attention_probs",
+    "check_maps",
+    "discard_lowest",
+    "fuse_heads",
+    "gather_tokens",
+    "layer_statistic",
+    "masked_max_pool",
+    "residual_normalize",
+    "rollout",
+    "select_topk",
+]
+
+FUSION_MODES = ("mean", "max", "min")
+PROTECT_MODES = ("entry0", "none")
+_STATS = ("mean", "std")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# argument checks (shared with the kernels' launchers)
+# --------------------------------------------------------------------------------------------------------------------
+def _check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _check_float(x: Tensor, name: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (fp32/fp16/bf16), got dtype {x.dtype}")
+
+
+def _check_finite(x: Tensor, name: str) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf values; attention maps must be finite")
+
+
+def _check_choice(value: object, choices: Sequence[str], name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_maps(attn: Tensor, name: str = "attn", *, allow_heads: bool = True) -> Tensor:
+    """Validate one attention map: a floating tensor ``[B,H,N,N]`` (when ``allow_heads``) or ``[B,N,N]``.
+
+    Returns the tensor unchanged; raises ``TypeError``/``ValueError`` naming ``name`` otherwise.
+    """
+    _check_tensor(attn, name)
+    _check_float(attn, name)
+    ranks = (3, 4) if allow_heads else (3,)
+    if attn.dim() not in ranks:
+        want = "[B,H,N,N] or [B,N,N]" if allow_heads else "[B,N,N]"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(attn.shape)}")
+    if attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"{name} must be square in its last two dims (queries x keys), got {tuple(attn.shape)}")
+    if attn.shape[-1] < 1 or attn.shape[0] < 1:
+        raise ValueError(f"{name} must have at least one sample and one token, got {tuple(attn.shape)}")
+    return attn
+
+
+def _check_ratio(ratio: float, name: str) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(ratio).__name__}")
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0 or math.isnan(ratio):
+        raise ValueError(f"{name} must be in [0, 1], got {ratio}")
+    return ratio
+
+
+def _fused_fp32(attn: Tensor, mode: str) -> Tensor:
+    """Head fusion computed with fp32 accumulation; ``[B,N,N]`` maps are only upcast."""
+    if attn.dim() == 3:
+        return attn.float()
+    if mode == "mean":
+        return torch.mean(attn, dim=1, dtype=torch.float32)
+    if mode == "max":
+        return attn.amax(dim=1).float()
+    return attn.amin(dim=1).float()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# rollout pieces
+# --------------------------------------------------------------------------------------------------------------------
+def fuse_heads(attn: Tensor, mode: str = "mean") -> Tensor:
+    """Fuse the heads of an attention map.
+
+    Args:
+        attn: ``[B,H,N,N]`` per-head map (a ``[B,N,N]`` map passes through unchanged).
+        mode: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+
+    Returns:
+        ``[B,N,N]`` in the input dtype (the mean is accumulated in fp32).
+
+    Example:
+        >>> fuse_heads(torch.rand(2, 12, 197, 197)).shape
+        torch.Size([2, 197, 197])
+    """
+    check_maps(attn)
+    _check_choice(mode, FUSION_MODES, "mode")
+    if attn.dim() == 3:
+        return attn
+    return _fused_fp32(attn, mode).to(attn.dtype)
+
+
+def _discard_mask(attn: Tensor, ratio: float, protect: str) -> Tensor | None:
+    """Boolean ``[B,N,N]`` mask of the entries :func:`discard_lowest` zeroes, or None when it zeroes nothing."""
+    b, n, _ = attn.shape
+    count = math.floor(ratio * n * n)
+    if count == 0:
+        return None
+    flat = attn.reshape(b, n * n).float()  # exact for fp16/bf16, and kthvalue wants fp32 on every device
+    if count >= n * n:
+        drop = torch.ones_like(flat, dtype=torch.bool)
+    else:
+        # the count-th smallest value per sample; everything below it goes, and of the entries equal to it the ones
+        # with the lowest flat index go first, until exactly `count` entries are dropped
+        threshold = flat.kthvalue(count, dim=1, keepdim=True).values
+        below = flat < threshold
+        equal = flat == threshold
+        still_needed = count - below.sum(dim=1, keepdim=True)
+        drop = below | (equal & (torch.cumsum(equal, dim=1) <= still_needed))
+    if protect == "entry0":
+        drop[:, 0] = False
+    return drop.view(b, n, n)
+
+
+def discard_lowest(attn: Tensor, ratio: float, protect: str = "entry0") -> Tensor:
+    """Zero the ``floor(ratio * N * N)`` smallest entries of each sample's whole map (global, not per row).
+
+    Ties at the threshold: the entry with the lower flat index is zeroed first. ``protect="entry0"`` keeps flat index 0
+    (entry (0, 0)) untouched even when it is among them, exactly as the published ITSELF / vit-explain rollout does
+    (it then zeroes one entry fewer); ``protect="none"`` keeps nothing.
+
+    Args:
+        attn: ``[B,N,N]`` map.
+        ratio: share of entries to zero, in ``[0, 1]``.
+        protect: ``"entry0"`` or ``"none"``.
+
+    Returns:
+        A new ``[B,N,N]`` tensor (the input is not modified).
+    """
+    check_maps(attn, allow_heads=False)
+    ratio = _check_ratio(ratio, "ratio")
+    _check_choice(protect, PROTECT_MODES, "protect")
+    drop = _discard_mask(attn, ratio, protect)
+    if drop is None:
+        return attn.clone()
+    return attn.masked_fill(drop, 0)
+
+
+def residual_normalize(attn: Tensor) -> Tensor:
+    """Add the residual path and renormalise: ``(A + I) / 2``, then divide each row by its sum (L1).
+
+    Args:
+        attn: ``[B,N,N]`` non-negative map.
+
+    Returns:
+        ``[B,N,N]`` row-stochastic map in the input dtype.
+    """
+    check_maps(attn, allow_heads=False)
+    eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
+    a = (attn + eye) / 2
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+def _per_layer_ratios(discard_ratio: float | Sequence[float], num_layers: int) -> list[float]:
+    if isinstance(discard_ratio, (int, float)) and not isinstance(discard_ratio, bool):
+        return [_check_ratio(discard_ratio, "discard_ratio")] * num_layers
+    if isinstance(discard_ratio, Tensor):
+        discard_ratio = discard_ratio.tolist()
+    if not isinstance(discard_ratio, Sequence) or isinstance(discard_ratio, str):
+        raise TypeError(f"discard_ratio must be a float or one float per layer, got {type(discard_ratio).__name__}")
+    if len(discard_ratio) != num_layers:
+        raise ValueError(f"discard_ratio has {len(discard_ratio)} values for {num_layers} layers; give one per layer")
+    return [_check_ratio(r, f"discard_ratio[{i}]") for i, r in enumerate(discard_ratio)]
+
+
+def _check_layer_list(attentions: Sequence[Tensor], name: str = "attentions") -> list[Tensor]:
+    if isinstance(attentions, Tensor):
+        if attentions.dim() in (4, 5):  # a stacked [L,B,N,N] / [L,B,H,N,N] tensor
+            attentions = list(attentions.unbind(0))
+        else:
+            raise ValueError(
+                f"{name} must be a sequence of per-layer maps ([B,H,N,N] or [B,N,N]) or a stacked "
+                f"[L,B,N,N] / [L,B,H,N,N] tensor, got a tensor of shape {tuple(attentions.shape)}"
+            )
+    if not isinstance(attentions, Sequence) or len(attentions) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of per-layer attention maps")
+    maps = [check_maps(a, f"{name}[{i}]") for i, a in enumerate(attentions)]
+    first = maps[0]
+    for i, a in enumerate(maps[1:], start=1):
+        if a.shape[0] != first.shape[0] or a.shape[-1] != first.shape[-1]:
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(a.shape)} but {name}[0] has {tuple(first.shape)}: every layer must "
+                "have the same batch size B and token count N"
+            )
+        if a.device != first.device:
+            raise ValueError(f"{name}[{i}] is on {a.device} but {name}[0] is on {first.device}")
+    return maps
+
+
+def _check_query(query: int | Tensor, batch: int, n: int, device: torch.device) -> Tensor:
+    """Per-sample query rows as a LongTensor ``[B]`` on ``device``."""
+    if isinstance(query, bool):
+        raise TypeError("query must be an int or a LongTensor [B] of row indices, got bool")
+    if isinstance(query, int):
+        if not -n <= query < n:
+            raise ValueError(f"query must be a row index in [0, {n}), got {query}")
+        return torch.full((batch,), query % n, dtype=torch.long, device=device)
+    if not isinstance(query, Tensor):
+        raise TypeError(f"query must be an int or a LongTensor [B], got {type(query).__name__}")
+    if query.dtype.is_floating_point or query.dtype == torch.bool or query.is_complex():
+        raise TypeError(f"query must hold integer row indices, got dtype {query.dtype}")
+    if query.dim() == 0:
+        query = query.expand(batch)
+    if query.shape != (batch,):
+        raise ValueError(f"query must have shape [B] = [{batch}], got {tuple(query.shape)}")
+    query = query.to(device=device, dtype=torch.long)
+    if batch and (int(query.min()) < 0 or int(query.max()) >= n):
+        raise ValueError(f"query rows must lie in [0, {n}), got min {int(query.min())} max {int(query.max())}")
+    return query
+
+
+def _prepared_layer(attn: Tensor, ratio: float, head_fusion: str, protect: str) -> tuple[Tensor, Tensor]:
+    """Head-fused, discarded fp32 map ``A_d`` and the row sums of ``A_d + I`` (so ``Â = (A_d + I) / s``)."""
+    a = _fused_fp32(attn, head_fusion)
+    _check_finite(a, "attentions")
+    if bool((a < 0).any()):
+        raise ValueError("attention maps must be non-negative (softmax probabilities)")
+    drop = _discard_mask(a, ratio, protect)
+    if drop is not None:
+        a = a.masked_fill(drop, 0)
+    return a, a.sum(dim=-1) + 1
+
+
+def rollout(
+    attentions: Sequence[Tensor],
+    *,
+    discard_ratio: float | Sequence[float] = 0.25,
+    head_fusion: str = "mean",
+    protect: str = "entry0",
+    query: int | Tensor | None = None,
+) -> Tensor:
+    """Multi-layer attention rollout (MARS).
+
+    For each layer: fuse heads, discard the lowest entries (:func:`discard_lowest`), add the residual path and
+    row-normalise (:func:`residual_normalize`), giving ``Â_l``. The rollout is ``R = Â_last @ ... @ Â_first`` (later
+    layers multiply on the left), accumulated in fp32.
+
+    Args:
+        attentions: per-layer maps in forward order (lowest layer first), each ``[B,H,N,N]`` or ``[B,N,N]``, already
+            restricted to the chosen layers (a stacked ``[L,B,(H,)N,N]`` tensor is accepted too).
+        discard_ratio: a float in ``[0, 1]``, or one float per layer.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` (ignored for ``[B,N,N]`` maps).
+        protect: ``"entry0"`` (published behaviour) or ``"none"``; see :func:`discard_lowest`.
+        query: None for the full product, or the query row(s): an int, or a LongTensor ``[B]`` of per-sample rows
+            (such as the text EOS position).
+
+    Returns:
+        ``[B,N,N]`` fp32 rollout, or its query rows ``R[b, query[b], :]`` as ``[B,N]`` computed as the row-vector
+        chain ``e_q^T Â_last ... Â_first`` (O(L N^2); the N x N product is never formed). Computed without autograd
+        unless an input requires grad.
+
+    Example:
+        >>> maps = [torch.softmax(torch.randn(2, 12, 193, 193), -1) for _ in range(2)]
+        >>> rollout(maps, query=0).shape
+        torch.Size([2, 193])
+    """
+    maps = _check_layer_list(attentions)
+    ratios = _per_layer_ratios(discard_ratio, len(maps))
+    _check_choice(head_fusion, FUSION_MODES, "head_fusion")
+    _check_choice(protect, PROTECT_MODES, "protect")
+    batch, n = maps[0].shape[0], maps[0].shape[-1]
+    device = maps[0].device
+    rows = None if query is None else _check_query(query, batch, n, device)
+
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(a.requires_grad for a in maps)):
+        if rows is None:
+            result = torch.eye(n, device=device, dtype=torch.float32).expand(batch, n, n)
+            for attn, ratio in zip(maps, ratios):
+                a, sums = _prepared_layer(attn, ratio, head_fusion, protect)
+                # Â @ R = ((A_d + I) @ R) / s  with s the row sums of A_d + I
+                result = (torch.bmm(a, result) + result) / sums.unsqueeze(-1)
+            return result.contiguous()
+        # row-vector chain, last layer first: v <- v Â_l = ((v / s) A_d + v / s)
+        v = torch.zeros(batch, n, device=device, dtype=torch.float32)
+        v[torch.arange(batch, device=device), rows] = 1.0
+        for attn, ratio in zip(reversed(maps), reversed(ratios)):
+            a, sums = _prepared_layer(attn, ratio, head_fusion, protect)
+            w = v / sums
+            v = torch.bmm(w.unsqueeze(1), a).squeeze(1) + w
+        return v
+
+
+def layer_statistic(attentions: Sequence[Tensor], stat: str, query: int | Tensor) -> Tensor:
+    """A per-layer statistic of the head-fused maps, read at the query row (the heuristics of ITSELF's Table 6).
+
+    Args:
+        attentions: per-layer maps as for :func:`rollout`.
+        stat: ``"mean"`` or ``"std"`` (population standard deviation) over layers.
+        query: an int or a LongTensor ``[B]`` of per-sample rows.
+
+    Returns:
+        ``[B,N]`` fp32 scores.
+    """
+    maps = _check_layer_list(attentions)
+    _check_choice(stat, _STATS, "stat")
+    batch, n = maps[0].shape[0], maps[0].shape[-1]
+    rows = _check_query(query, batch, n, maps[0].device)
+    index = rows.view(batch, 1, 1).expand(batch, 1, n)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(a.requires_grad for a in maps)):
+        stacked = torch.stack([_fused_fp32(a, "mean").gather(1, index).squeeze(1) for a in maps])  # [L,B,N]
+        _check_finite(stacked, "attentions")
+        if stat == "mean":
+            return stacked.mean(0)
+        return stacked.std(0, unbiased=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# selection, gather, pooling
+# --------------------------------------------------------------------------------------------------------------------
+def _check_valid(valid: Tensor | None, shape: torch.Size, device: torch.device, name: str = "valid") -> Tensor | None:
+    if valid is None:
+        return None
+    _check_tensor(valid, name)
+    if valid.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor [B,N] (True = may be selected), got dtype {valid.dtype}")
+    if valid.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} like scores, got {tuple(valid.shape)}")
+    if valid.device != device:
+        raise ValueError(f"{name} is on {valid.device} but scores are on {device}")
+    empty = ~valid.any(dim=1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()[:8]
+        raise ValueError(f"{name} has no True entry in sample(s) {rows}: every sample needs at least one valid token")
+    return valid
+
+
+def check_k(k: int, n: int, name: str = "k") -> int:
+    """Validate a token count ``k`` against ``n`` tokens: an int in ``[1, n]``."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        if isinstance(k, Tensor) and k.numel() == 1 and not k.is_floating_point():
+            k = int(k)
+        else:
+            raise TypeError(f"{name} must be an int in [1, {n}], got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise ValueError(f"{name} must be in [1, {n}] (N = {n}), got {k}")
+    return k
+
+
+def select_topk(scores: Tensor, k: int, *, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k token selection with a deterministic tie-break.
+
+    Args:
+        scores: ``[B,N]`` floating scores (no NaN).
+        k: tokens to keep, in ``[1, N]``.
+        valid: optional bool ``[B,N]``; invalid tokens are never chosen. Every sample needs one valid token.
+
+    Returns:
+        ``(indices [B,k] int64, mask [B,k] bool)``: indices sorted by descending score, ties to the lower token index.
+        When a sample has fewer than ``k`` valid tokens its tail repeats the last valid index and ``mask`` is False
+        there.
+
+    Example:
+        >>> select_topk(torch.tensor([[0.1, 0.5, 0.5, 0.2]]), 2)
+        (tensor([[1, 2]]), tensor([[True, True]]))
+    """
+    _check_tensor(scores, "scores")
+    _check_float(scores, "scores")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape [B,N], got {tuple(scores.shape)}")
+    batch, n = scores.shape
+    k = check_k(k, n)
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores contains NaN")
+    valid = _check_valid(valid, scores.shape, scores.device)
+    order = torch.sort(scores.detach(), dim=1, descending=True, stable=True).indices
+    if valid is None:
+        return order[:, :k].contiguous(), torch.ones(batch, k, dtype=torch.bool, device=scores.device)
+    # stable second sort on validity keeps the score order within the valid and the invalid groups
+    invalid_sorted = (~valid).gather(1, order).to(torch.uint8)
+    order = order.gather(1, torch.sort(invalid_sorted, dim=1, stable=True).indices)
+    indices = order[:, :k]
+    count = valid.sum(dim=1, keepdim=True)
+    mask = torch.arange(k, device=scores.device).unsqueeze(0) < count
+    last_valid = indices.gather(1, (count.clamp(max=k) - 1))
+    indices = torch.where(mask, indices, last_valid)
+    return indices.contiguous(), mask
+
+
+def _check_tokens_indices(tokens: Tensor, indices: Tensor) -> None:
+    _check_tensor(tokens, "tokens")
+    _check_tensor(indices, "indices")
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must have shape [B,N,D], got {tuple(tokens.shape)}")
+    if indices.dim() != 2:
+        raise ValueError(f"indices must have shape [B,k], got {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be an int64 (or int32) tensor, got dtype {indices.dtype}")
+    if indices.device != tokens.device:
+        raise ValueError(f"indices are on {indices.device} but tokens are on {tokens.device}; put both on one device")
+    if indices.shape[0] != tokens.shape[0]:
+        raise ValueError(f"indices batch {indices.shape[0]} does not match tokens batch {tokens.shape[0]}")
+    n = tokens.shape[1]
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"indices must lie in [0, {n}), got min {int(indices.min())} max {int(indices.max())}")
+
+
+def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
+    """Gather selected tokens: ``[B,N,D], [B,k] -> [B,k,D]``, differentiable with respect to ``tokens``."""
+    _check_tokens_indices(tokens, indices)
+    index = indices.long().unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    return torch.gather(tokens, 1, index)
+
+
+def masked_max_pool(tokens: Tensor, mask: Tensor) -> Tensor:
+    """Max over the tokens where ``mask`` is True (the published code's pooling): ``[B,k,D], [B,k] -> [B,D]``.
+
+    Padded positions never influence the result. Every sample needs at least one True entry.
+    """
+    _check_tensor(tokens, "tokens")
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must have shape [B,k,D], got {tuple(tokens.shape)}")
+    mask = _check_valid(mask, tokens.shape[:2], tokens.device, name="mask")
+    fill = torch.finfo(tokens.dtype).min if tokens.is_floating_point() else torch.iinfo(tokens.dtype).min
+    return tokens.masked_fill(~mask.unsqueeze(-1), fill).amax(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# attention probabilities from Q and K (the capture hooks' single funnel)
+# --------------------------------------------------------------------------------------------------------------------
+def attention_probs(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    head_fusion: str | None = "mean",
+    query_rows: Tensor | None = None,
+) -> Tensor:
+    """Softmax attention probabilities ``softmax(q k^T * scale + bias)`` in fp32, optionally head-fused.
+
+    Args:
+        q: ``[B,H,Nq,d]`` queries.
+        k: ``[B,H,Nk,d]`` keys.
+        scale: multiplier of the logits (usually ``d ** -0.5``).
+        bias: optional additive float bias broadcastable to ``[B,H,Nq,Nk]`` (``-inf`` blocks an entry).
+        causal: block keys after the query position (needs ``Nq == Nk``).
+        head_fusion: ``"mean"``, ``"max"``, ``"min"`` (-> ``[B,Nq,Nk]``) or None (-> ``[B,H,Nq,Nk]``).
+        query_rows: optional LongTensor ``[R]`` or ``[B,R]``: keep only these query rows (-> ``[B,R,Nk]`` or
+            ``[B,H,R,Nk]``), computing nothing for the others.
+
+    Returns:
+        fp32 probabilities; a fully blocked row gives zeros.
+    """
+    for t, name in ((q, "q"), (k, "k")):
+        _check_tensor(t, name)
+        _check_float(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B,H,N,d], got {tuple(t.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and d")
+    if head_fusion is not None:
+        _check_choice(head_fusion, FUSION_MODES, "head_fusion")
+    batch, heads, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if causal and nq != nk:
+        raise ValueError(f"causal attention needs as many queries as keys, got {nq} and {nk}")
+    rows = torch.arange(nq, device=q.device).expand(batch, nq)
+    if query_rows is not None:
+        _check_tensor(query_rows, "query_rows")
+        if query_rows.dtype.is_floating_point or query_rows.dtype == torch.bool:
+            raise TypeError(f"query_rows must hold integer row indices, got dtype {query_rows.dtype}")
+        if query_rows.dim() == 1:
+            query_rows = query_rows.unsqueeze(0).expand(batch, -1)
+        if query_rows.dim() != 2 or query_rows.shape[0] != batch:
+            raise ValueError(f"query_rows must have shape [R] or [B,R] with B = {batch}, got {tuple(query_rows.shape)}")
+        rows = query_rows.to(device=q.device, dtype=torch.long)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= nq):
+            raise ValueError(f"query_rows must lie in [0, {nq})")
+        q = q.gather(2, rows.view(batch, 1, -1, 1).expand(batch, heads, -1, q.shape[-1]))
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B,H,R,Nk]
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        bias = bias.to(device=q.device, dtype=torch.float32)
+        try:
+            bias = bias.expand(batch, heads, nq, nk)
+        except RuntimeError:
+            raise ValueError(
+                f"bias of shape {tuple(bias.shape)} does not broadcast to {(batch, heads, nq, nk)}"
+            ) from None
+        if query_rows is not None:
+            bias = bias.gather(2, rows.view(batch, 1, -1, 1).expand(batch, heads, -1, nk))
+        logits = logits + bias
+    if causal:
+        blocked = torch.arange(nk, device=q.device).view(1, 1, nk) > rows.unsqueeze(-1)  # [B,R,Nk]
+        logits = logits.masked_fill(blocked.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    if head_fusion is None:
+        return probs
+    return _fused_fp32(probs, head_fusion)

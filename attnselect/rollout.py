@@ -1,0 +1,152 @@
+"""MultiLayerRollout (MARS): attention rollout over a chosen set of layers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["LAYER_GROUPS", "MultiLayerRollout", "resolve_layers"]
+
+LAYER_GROUPS = ("early", "middle", "late")
+LayerSpec = int | str
+
+
+def resolve_layers(spec: LayerSpec | Sequence[LayerSpec], num_layers: int) -> tuple[int, ...]:
+    """Resolve a layer specification against a host of ``num_layers`` layers.
+
+    Ints are 0-based layer indices (negative ones count from the end); the names resolve as ``early = 0``,
+    ``middle = L // 3`` and ``late = L - 1`` (a 12-layer ViT-B gives ``("middle", "late") -> (4, 11)``, the published
+    ITSELF setting). The result is sorted in forward order without duplicates.
+
+    Example:
+        >>> resolve_layers(("middle", "late"), 12)
+        (4, 11)
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    items = [spec] if isinstance(spec, (int, str)) else list(spec)
+    if not items:
+        raise ValueError("layers must name at least one layer")
+    out = set()
+    for item in items:
+        if isinstance(item, str):
+            if item == "early":
+                out.add(0)
+            elif item == "middle":
+                out.add(num_layers // 3)
+            elif item == "late":
+                out.add(num_layers - 1)
+            else:
+                raise ValueError(f"layers: unknown layer name {item!r}; use an int or one of {LAYER_GROUPS}")
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -num_layers <= item < num_layers:
+                raise ValueError(f"layers: index {item} is out of range for a host with {num_layers} layers")
+            out.add(item % num_layers)
+        else:
+            raise TypeError(f"layers must hold ints or names {LAYER_GROUPS}, got {type(item).__name__}")
+    return tuple(sorted(out))
+
+
+class MultiLayerRollout(nn.Module):
+    """Multi-layer attention rollout (MARS) over chosen layers.
+
+    Args:
+        layers: layer indices and/or names (``"early"``, ``"middle"``, ``"late"``) resolved against the host depth.
+        discard_ratio: share of the lowest entries of each layer's map to zero; a float or one float per chosen layer.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads (for per-head maps).
+        protect: ``"entry0"`` keeps entry (0, 0) as the published code does; ``"none"`` keeps nothing.
+
+    Example:
+        >>> mars = MultiLayerRollout()
+        >>> maps = [torch.softmax(torch.randn(2, 12, 193, 193), -1) for _ in range(12)]
+        >>> mars(maps, query=0).shape  # uses layers 4 and 11 of 12
+        torch.Size([2, 193])
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec | Sequence[LayerSpec] = ("middle", "late"),
+        discard_ratio: float | Sequence[float] = 0.25,
+        head_fusion: str = "mean",
+        protect: str = "entry0",
+    ) -> None:
+        super().__init__()
+        self.layers = (layers,) if isinstance(layers, (int, str)) else tuple(layers)
+        if not self.layers:
+            raise ValueError("layers must name at least one layer")
+        for item in self.layers:
+            if isinstance(item, str) and item not in LAYER_GROUPS:
+                raise ValueError(f"layers: unknown layer name {item!r}; use an int or one of {LAYER_GROUPS}")
+            if not isinstance(item, (int, str)) or isinstance(item, bool):
+                raise TypeError(f"layers must hold ints or names {LAYER_GROUPS}, got {type(item).__name__}")
+        if isinstance(discard_ratio, (int, float)) and not isinstance(discard_ratio, bool):
+            F._check_ratio(discard_ratio, "discard_ratio")
+        else:
+            discard_ratio = tuple(F._check_ratio(r, f"discard_ratio[{i}]") for i, r in enumerate(discard_ratio))
+        F._check_choice(head_fusion, F.FUSION_MODES, "head_fusion")
+        F._check_choice(protect, F.PROTECT_MODES, "protect")
+        self.discard_ratio = discard_ratio
+        self.head_fusion = head_fusion
+        self.protect = protect
+
+    def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The chosen layer indices for a host with ``num_layers`` layers, in forward order."""
+        return resolve_layers(self.layers, num_layers)
+
+    def select(
+        self, attentions: Mapping[int, Tensor] | Sequence[Tensor], num_layers: int | None = None
+    ) -> list[Tensor]:
+        """Pick this rollout's layers from a mapping ``layer -> map`` or a full per-layer sequence.
+
+        A mapping is read at the resolved layers when ``num_layers`` is given; without it, every entry of the mapping
+        is used in ascending layer order (what a capture of exactly the chosen layers holds).
+        """
+        if isinstance(attentions, Mapping):
+            if not attentions:
+                raise ValueError("attentions is empty: no layer was captured")
+            if num_layers is None:
+                return [attentions[i] for i in sorted(attentions)]
+            wanted = self.resolve_layers(num_layers)
+            missing = [i for i in wanted if i not in attentions]
+            if missing:
+                raise ValueError(
+                    f"attentions has no map for layer(s) {missing}; it holds layers {sorted(attentions)} "
+                    f"and this rollout needs {list(wanted)}"
+                )
+            return [attentions[i] for i in wanted]
+        if isinstance(attentions, Tensor):
+            attentions = list(attentions.unbind(0)) if attentions.dim() in (4, 5) else [attentions]
+        if not isinstance(attentions, Sequence) or not attentions:
+            raise ValueError("attentions must be a mapping layer -> map or a non-empty per-layer sequence")
+        total = len(attentions) if num_layers is None else num_layers
+        if num_layers is not None and len(attentions) != num_layers:
+            raise ValueError(f"attentions holds {len(attentions)} layers but num_layers is {num_layers}")
+        return [attentions[i] for i in self.resolve_layers(total)]
+
+    def forward(
+        self,
+        attentions: Mapping[int, Tensor] | Sequence[Tensor],
+        query: int | Tensor | None = None,
+        num_layers: int | None = None,
+    ) -> Tensor:
+        """Rollout of the chosen layers.
+
+        Args:
+            attentions: a mapping ``layer index -> map`` or the full per-layer sequence (maps ``[B,H,N,N]`` or
+                ``[B,N,N]``).
+            query: None for the full ``[B,N,N]`` product, or an int / LongTensor ``[B]`` of query rows (-> ``[B,N]``).
+            num_layers: host depth, to resolve named layers against a mapping.
+        """
+        maps = self.select(attentions, num_layers)
+        return F.rollout(
+            maps, discard_ratio=self.discard_ratio, head_fusion=self.head_fusion, protect=self.protect, query=query
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={self.layers}, discard_ratio={self.discard_ratio}, head_fusion={self.head_fusion!r}, "
+            f"protect={self.protect!r}"
+        )
