@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -121,6 +122,14 @@ def fuse_heads(attn: Tensor, mode: str = "mean") -> Tensor:
     return _fused_fp32(attn, mode).to(attn.dtype)
 
 
+def _kth_smallest(flat: Tensor, count: int) -> Tensor:
+    """The ``count``-th smallest value (1-based) of each row of ``[B, M]`` as ``[B, 1]``."""
+    if flat.device.type == "cpu":  # numpy's introselect is several times faster than torch.kthvalue on CPU
+        values = np.partition(flat.detach().numpy(), count - 1, axis=1)[:, count - 1 : count]
+        return torch.from_numpy(np.ascontiguousarray(values))
+    return flat.kthvalue(count, dim=1, keepdim=True).values
+
+
 def _discard_mask(attn: Tensor, ratio: float, protect: str) -> Tensor | None:
     """Boolean ``[B,N,N]`` mask of the entries :func:`discard_lowest` zeroes, or None when it zeroes nothing."""
     b, n, _ = attn.shape
@@ -133,11 +142,14 @@ def _discard_mask(attn: Tensor, ratio: float, protect: str) -> Tensor | None:
     else:
         # the count-th smallest value per sample; everything below it goes, and of the entries equal to it the ones
         # with the lowest flat index go first, until exactly `count` entries are dropped
-        threshold = flat.kthvalue(count, dim=1, keepdim=True).values
+        threshold = _kth_smallest(flat, count)
         below = flat < threshold
         equal = flat == threshold
         still_needed = count - below.sum(dim=1, keepdim=True)
-        drop = below | (equal & (torch.cumsum(equal, dim=1) <= still_needed))
+        if bool((equal.sum(dim=1, keepdim=True) == still_needed).all()):  # no tie straddles the threshold
+            drop = below | equal
+        else:
+            drop = below | (equal & (torch.cumsum(equal, dim=1) <= still_needed))
     if protect == "entry0":
         drop[:, 0] = False
     return drop.view(b, n, n)
@@ -242,10 +254,13 @@ def _check_query(query: int | Tensor, batch: int, n: int, device: torch.device) 
 
 def _prepared_layer(attn: Tensor, ratio: float, head_fusion: str, protect: str) -> tuple[Tensor, Tensor]:
     """Head-fused, discarded fp32 map ``A_d`` and the row sums of ``A_d + I`` (so ``Â = (A_d + I) / s``)."""
+    if head_fusion == "min" and attn.dim() == 4:
+        _check_finite(attn, "attentions")  # a minimum over heads can hide an inf
     a = _fused_fp32(attn, head_fusion)
-    _check_finite(a, "attentions")
-    if bool((a < 0).any()):
-        raise ValueError("attention maps must be non-negative (softmax probabilities)")
+    low, high = torch.aminmax(a)  # one cheap pass over the fused map; NaN fails both comparisons
+    if not (bool(low >= 0) and bool(high < float("inf"))):
+        _check_finite(a, "attentions")
+        raise ValueError("attentions must be non-negative (softmax probabilities)")
     drop = _discard_mask(a, ratio, protect)
     if drop is not None:
         a = a.masked_fill(drop, 0)
