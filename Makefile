@@ -28,10 +28,13 @@ pytest: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not kernels"
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -m kernels
 
-test: lint pytest
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+test: lint pytest docs
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_rollout.py
+	$(VENV)/bin/attnselect bench
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -91,7 +91,7 @@ class TokenAdapter(nn.Module):
     Shapes:
         ``forward(tokens [B,K,D], mask [B,K] or None) -> [B,K,D']``.
 
-    Example:
+    Examples:
         >>> TokenAdapter(512, 4096)(torch.randn(2, 10, 512)).shape
         torch.Size([2, 10, 4096])
     """
@@ -172,7 +172,7 @@ class AttentiveBank(nn.Module):
     ``n``, the number of selectable tokens, is ``N`` minus the positions excluded for every sample (192 for a
     193-token image with CLS, 75 for a 77-token CLIP text tower without SOS and EOS), as the published code counts.
 
-    Example:
+    Examples:
         >>> bank = AttentiveBank(ratio=0.4)
         >>> maps = {4: torch.softmax(torch.randn(2, 193, 193), -1), 11: torch.softmax(torch.randn(2, 193, 193), -1)}
         >>> out = bank(torch.randn(2, 193, 512), maps)

@@ -111,7 +111,7 @@ def fuse_heads(attn: Tensor, mode: str = "mean") -> Tensor:
     Returns:
         ``[B,N,N]`` in the input dtype (the mean is accumulated in fp32).
 
-    Example:
+    Examples:
         >>> fuse_heads(torch.rand(2, 12, 197, 197)).shape
         torch.Size([2, 197, 197])
     """
@@ -295,7 +295,7 @@ def rollout(
         chain ``e_q^T Â_last ... Â_first`` (O(L N^2); the N x N product is never formed). Computed without autograd
         unless an input requires grad.
 
-    Example:
+    Examples:
         >>> maps = [torch.softmax(torch.randn(2, 12, 193, 193), -1) for _ in range(2)]
         >>> rollout(maps, query=0).shape
         torch.Size([2, 193])
@@ -395,7 +395,7 @@ def select_topk(scores: Tensor, k: int, *, valid: Tensor | None = None) -> tuple
         When a sample has fewer than ``k`` valid tokens its tail repeats the last valid index and ``mask`` is False
         there.
 
-    Example:
+    Examples:
         >>> select_topk(torch.tensor([[0.1, 0.5, 0.5, 0.2]]), 2)
         (tensor([[1, 2]]), tensor([[True, True]]))
     """

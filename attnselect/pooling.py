@@ -26,7 +26,7 @@ def _check_tokens_mask(tokens: Tensor, mask: Tensor | None) -> Tensor:
 class MaxPool(nn.Module):
     """Max over the valid tokens (the published ITSELF pooling): ``[B,K,D], [B,K] -> [B,D]``.
 
-    Example:
+    Examples:
         >>> MaxPool()(torch.randn(2, 5, 8), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()).shape
         torch.Size([2, 8])
     """
@@ -59,7 +59,7 @@ class GPOPool(nn.Module):
         d_pe: width of the rank encoding.
         d_hidden: hidden width of the GRU.
 
-    Example:
+    Examples:
         >>> GPOPool()(torch.randn(2, 7, 16), torch.ones(2, 7, dtype=torch.bool)).shape
         torch.Size([2, 16])
     """

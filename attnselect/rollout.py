@@ -21,7 +21,7 @@ def resolve_layers(spec: LayerSpec | Sequence[LayerSpec], num_layers: int) -> tu
     ``middle = L // 3`` and ``late = L - 1`` (a 12-layer ViT-B gives ``("middle", "late") -> (4, 11)``, the published
     ITSELF setting). The result is sorted in forward order without duplicates.
 
-    Example:
+    Examples:
         >>> resolve_layers(("middle", "late"), 12)
         (4, 11)
     """
@@ -59,7 +59,7 @@ class MultiLayerRollout(nn.Module):
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads (for per-head maps).
         protect: ``"entry0"`` keeps entry (0, 0) as the published code does; ``"none"`` keeps nothing.
 
-    Example:
+    Examples:
         >>> mars = MultiLayerRollout()
         >>> maps = [torch.softmax(torch.randn(2, 12, 193, 193), -1) for _ in range(12)]
         >>> mars(maps, query=0).shape  # uses layers 4 and 11 of 12

@@ -41,7 +41,7 @@ class AdaptiveTokenScheduler(nn.Module):
         granularity: ``"step"`` or ``"epoch"``.
         steps_per_epoch: needed for ``granularity="epoch"``.
 
-    Example:
+    Examples:
         >>> ats = AdaptiveTokenScheduler()
         >>> [ats.num_tokens(192, step=t) for t in (1, 145, 725, 1450)]
         [124, 121, 109, 96]
