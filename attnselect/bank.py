@@ -246,8 +246,9 @@ class AttentiveBank(nn.Module):
         if n < 1:
             raise ValueError("exclude removes every token: nothing is left to select")
         k = self.num_tokens(n, step)
-        indices, mask = F.select_topk(saliency, k, valid=selectable)
-        kept = F.gather_tokens(tokens, indices)
+        from . import kernels  # the gate: fused Triton top-k + gather for CUDA tensors, else the reference
+
+        indices, mask, kept = kernels.select_topk_gather(saliency, k, tokens, valid=selectable)
         embedding = None
         if self.pool is not None:
             x = self.adapter(kept, mask) if self.adapter is not None else kept

@@ -141,7 +141,9 @@ class MultiLayerRollout(nn.Module):
             num_layers: host depth, to resolve named layers against a mapping.
         """
         maps = self.select(attentions, num_layers)
-        return F.rollout(
+        from . import kernels  # the gate: Triton for CUDA tensors (or TRITON_INTERPRET=1), else the reference
+
+        return kernels.rollout(
             maps, discard_ratio=self.discard_ratio, head_fusion=self.head_fusion, protect=self.protect, query=query
         )
 

@@ -1,0 +1,380 @@
+"""Triton kernels behind one gate.
+
+The gate decides per call, from the tensor it is given:
+
+- ``ATTNSELECT_KERNELS=0`` (or ``false``/``off``/``no``) in the environment forces the pure-PyTorch reference;
+- a CUDA tensor takes the Triton path when ``triton`` imports;
+- a CPU tensor takes it only when ``TRITON_INTERPRET=1`` (Triton's interpreter; how the tests run the kernels);
+- anything else (other devices, fp64 scores or maps, inputs that need autograd through rollout or capture) takes
+  the reference.
+
+The entry points :func:`rollout`, :func:`select_topk_gather` and :func:`attention_probs` have the signatures and
+results of their :mod:`attnselect.functional` twins. The Triton launchers are registered as PyTorch custom ops
+(``torch.ops.attnselect.rollout``, ``.topk_gather``, ``.attention_probs``) with fake (meta) implementations, and the
+gather with an autograd formula, so ``torch.compile(fullgraph=True)`` traces modules that call them.
+
+Importing this package never imports Triton and never touches CUDA: the kernel modules are imported by the custom
+ops' implementations on first call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import types
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+
+__all__ = ["attention_probs", "explain", "kernels_enabled", "rollout", "select_topk_gather", "triton_available"]
+
+logger = logging.getLogger(__name__)
+
+_ENV_SWITCH = "ATTNSELECT_KERNELS"
+_FALSE = ("0", "false", "off", "no")
+_TRUE = ("1", "true", "on", "yes", "y")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_triton_state: dict[str, object] = {}
+
+
+def _switched_off() -> bool:
+    return os.environ.get(_ENV_SWITCH, "1").strip().lower() in _FALSE
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def _triton_import() -> tuple[bool, str]:
+    """Import Triton once (only when a decision needs it) and remember the outcome."""
+    if "ok" not in _triton_state:
+        if importlib.util.find_spec("triton") is None:
+            _triton_state.update(ok=False, why="the `triton` package is not installed")
+        else:
+            try:
+                triton = importlib.import_module("triton")
+                _triton_state.update(ok=True, why=f"triton {getattr(triton, '__version__', '?')} imports")
+            except Exception as err:  # a broken install must not break the reference path
+                _triton_state.update(ok=False, why=f"`import triton` failed: {err!r}")
+    return bool(_triton_state["ok"]), str(_triton_state["why"])
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` succeeds (imports Triton on first call)."""
+    return _triton_import()[0]
+
+
+def _decide(tensor: Tensor) -> tuple[bool, str]:
+    if _switched_off():
+        return False, f"{_ENV_SWITCH}={os.environ.get(_ENV_SWITCH)} forces the PyTorch reference"
+    device = tensor.device.type
+    if device == "cuda":
+        ok, why = _triton_import()
+        return ok, f"CUDA tensor and {why}" if ok else f"CUDA tensor but {why}: using the PyTorch reference"
+    if device == "cpu":
+        if not _interpreting():
+            return False, "CPU tensor without TRITON_INTERPRET=1: using the PyTorch reference"
+        ok, why = _triton_import()
+        if ok:
+            return True, f"CPU tensor with TRITON_INTERPRET=1 and {why}: the Triton interpreter runs the kernels"
+        return False, f"CPU tensor with TRITON_INTERPRET=1 but {why}: using the PyTorch reference"
+    return False, f"{device} tensors have no Triton kernels here: using the PyTorch reference"
+
+
+def _enabled_for(device_type: str) -> bool:
+    """The gate for a device type; a constant for torch.compile (the decision is made when tracing)."""
+    return _decide(_Probe(device_type))[0]  # type: ignore[arg-type]
+
+
+class _Probe:
+    """Stand-in carrying only a device type, so the gate can be asked without allocating on that device."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device = torch.device(device_type)
+
+
+def kernels_enabled(tensor: Tensor) -> bool:
+    """Whether ops on ``tensor`` would take the Triton path.
+
+    Args:
+        tensor: any tensor; only its device is looked at.
+
+    Returns:
+        True for CUDA tensors when Triton imports, for CPU tensors only with ``TRITON_INTERPRET=1``, and never when
+        ``ATTNSELECT_KERNELS=0``.
+    """
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    return _decide(tensor)[0]
+
+
+def explain(tensor: Tensor | None = None) -> str:
+    """Say in words which path ops take and why.
+
+    Args:
+        tensor: the tensor to decide for; None describes CPU and (if present) CUDA tensors.
+
+    Returns:
+        A one-line (tensor given) or multi-line explanation.
+    """
+    if tensor is not None:
+        ok, why = _decide(tensor)
+        return f"{'Triton kernels' if ok else 'PyTorch reference'}: {why}"
+    lines = []
+    for dev in ("cpu", "cuda"):
+        ok, why = _decide(_Probe(dev))  # type: ignore[arg-type]
+        lines.append(f"{dev} tensors: {'Triton kernels' if ok else 'PyTorch reference'}: {why}")
+    if not torch.cuda.is_available():  # asks the driver for a device count; creates no CUDA context
+        lines.append("(no CUDA device is visible to this process)")
+    return "\n".join(lines)
+
+
+def _grad_needed(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _Package(types.ModuleType):
+    """This package's module type: importing the submodule ``kernels/rollout.py`` must not replace the entry point
+    :func:`rollout` (Python binds a loaded submodule as an attribute of its package). The kernel module stays
+    reachable as ``sys.modules["attnselect.kernels.rollout"]`` and through ``from attnselect.kernels.rollout import``.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "rollout" and isinstance(value, types.ModuleType) and "rollout" in self.__dict__:
+            return
+        super().__setattr__(name, value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# custom ops: the Triton launchers as PyTorch operators (opaque to torch.compile, with fake implementations)
+# --------------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("attnselect::rollout", mutates_args=())
+def _rollout_op(maps: list[Tensor], ratios: list[float], head_fusion: str, protect: str, rows: Tensor | None) -> Tensor:
+    from .rollout import rollout_forward
+
+    n = maps[0].shape[-1]
+    if rows is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise ValueError(f"query rows must lie in [0, {n}), got min {int(rows.min())} max {int(rows.max())}")
+    return rollout_forward(maps, ratios, head_fusion, protect, rows)
+
+
+@_rollout_op.register_fake
+def _(maps: list[Tensor], ratios: list[float], head_fusion: str, protect: str, rows: Tensor | None) -> Tensor:
+    b, n = maps[0].shape[0], maps[0].shape[-1]
+    shape = (b, n, n) if rows is None else (b, n)
+    return maps[0].new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("attnselect::topk_gather", mutates_args=())
+def _topk_gather_op(scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    from .topk_gather import topk_gather_forward
+
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores contains NaN")
+    if valid is not None and not bool(valid.any(dim=1).all()):
+        rows = (~valid.any(dim=1)).nonzero().flatten().tolist()[:8]
+        raise ValueError(f"valid has no True entry in sample(s) {rows}: every sample needs at least one valid token")
+    return topk_gather_forward(scores, k, tokens, valid)
+
+
+@_topk_gather_op.register_fake
+def _(scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    b = scores.shape[0]
+    return (
+        scores.new_empty((b, k), dtype=torch.int64),
+        scores.new_empty((b, k), dtype=torch.bool),
+        tokens.new_empty((b, k, tokens.shape[-1])),
+    )
+
+
+def _topk_gather_setup(ctx, inputs, output) -> None:
+    _, _, tokens, _ = inputs
+    ctx.save_for_backward(output[0])
+    ctx.num_tokens = tokens.shape[1]
+
+
+def _topk_gather_backward(ctx, grad_indices, grad_mask, grad_out):
+    (indices,) = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None
+    b, _, dim = grad_out.shape
+    grad = grad_out.new_zeros((b, ctx.num_tokens, dim))
+    grad = grad.scatter_add(1, indices.unsqueeze(-1).expand(-1, -1, dim), grad_out)
+    return None, None, grad, None
+
+
+_topk_gather_op.register_autograd(_topk_gather_backward, setup_context=_topk_gather_setup)
+
+
+@torch.library.custom_op("attnselect::attention_probs", mutates_args=())
+def _attention_probs_op(
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    causal: bool,
+    head_fusion: str,
+    query_rows: Tensor | None,
+) -> Tensor:
+    from .capture import attention_probs_forward
+
+    return attention_probs_forward(
+        q, k, scale, bias, causal, None if head_fusion == "none" else head_fusion, query_rows
+    )
+
+
+@_attention_probs_op.register_fake
+def _(
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    causal: bool,
+    head_fusion: str,
+    query_rows: Tensor | None,
+) -> Tensor:
+    b, h, nq, _ = q.shape
+    r = nq if query_rows is None else query_rows.shape[-1]
+    shape = (b, h, r, k.shape[2]) if head_fusion == "none" else (b, r, k.shape[2])
+    return q.new_empty(shape, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dispatching entry points (same signatures and results as attnselect.functional)
+# --------------------------------------------------------------------------------------------------------------------
+def rollout(
+    attentions: Sequence[Tensor],
+    *,
+    discard_ratio: float | Sequence[float] = 0.25,
+    head_fusion: str = "mean",
+    protect: str = "entry0",
+    query: int | Tensor | None = None,
+) -> Tensor:
+    """Multi-layer attention rollout, Triton when the gate allows, else :func:`attnselect.functional.rollout`.
+
+    Args and returns: exactly those of :func:`attnselect.functional.rollout` (``[B,N,N]``, or ``[B,N]`` with
+    ``query``; fp32). The Triton path is taken for fp32/fp16/bf16 maps that need no autograd.
+    """
+    maps = F._check_layer_list(attentions)
+    use = _enabled_for(maps[0].device.type) and all(a.dtype in _KERNEL_DTYPES for a in maps) and not _grad_needed(*maps)
+    if not use:
+        return F.rollout(maps, discard_ratio=discard_ratio, head_fusion=head_fusion, protect=protect, query=query)
+    ratios = F._per_layer_ratios(discard_ratio, len(maps))
+    F._check_choice(head_fusion, F.FUSION_MODES, "head_fusion")
+    F._check_choice(protect, F.PROTECT_MODES, "protect")
+    batch, n = maps[0].shape[0], maps[0].shape[-1]
+    rows = None
+    if query is not None:
+        if isinstance(query, bool) or not isinstance(query, (int, Tensor)):
+            raise TypeError(f"query must be an int or a LongTensor [B], got {type(query).__name__}")
+        if isinstance(query, int):
+            if not -n <= query < n:
+                raise ValueError(f"query must be a row index in [0, {n}), got {query}")
+            rows = torch.full((batch,), query % n, dtype=torch.long, device=maps[0].device)
+        else:
+            if query.dtype.is_floating_point or query.dtype == torch.bool or query.is_complex():
+                raise TypeError(f"query must hold integer row indices, got dtype {query.dtype}")
+            rows = query.expand(batch) if query.dim() == 0 else query
+            if rows.shape != (batch,):
+                raise ValueError(f"query must have shape [B] = [{batch}], got {tuple(rows.shape)}")
+            rows = rows.to(device=maps[0].device, dtype=torch.long)
+    return torch.ops.attnselect.rollout(list(maps), ratios, head_fusion, protect, rows)
+
+
+def select_topk_gather(
+    scores: Tensor, k: int, tokens: Tensor, *, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k selection and gather in one step.
+
+    Same results as ``indices, mask = functional.select_topk(scores, k, valid=valid)`` followed by
+    ``functional.gather_tokens(tokens, indices)``; differentiable with respect to ``tokens``.
+
+    Args:
+        scores: ``[B,N]`` floating scores (no NaN).
+        k: tokens to keep, in ``[1, N]``.
+        tokens: ``[B,N,D]`` token features.
+        valid: optional bool ``[B,N]``; invalid tokens are never chosen.
+
+    Returns:
+        ``(indices [B,k] int64, mask [B,k] bool, gathered [B,k,D])``.
+    """
+    F._check_tensor(scores, "scores")
+    F._check_float(scores, "scores")
+    F._check_tensor(tokens, "tokens")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape [B,N], got {tuple(scores.shape)}")
+    if tokens.dim() != 3 or tokens.shape[:2] != scores.shape:
+        raise ValueError(
+            f"tokens must have shape [B,N,D] = {[*scores.shape, 'D']} like scores, got {tuple(tokens.shape)}"
+        )
+    k = F.check_k(k, scores.shape[1])
+    use = (
+        _enabled_for(scores.device.type)
+        and scores.dtype in _KERNEL_DTYPES
+        and tokens.is_floating_point()
+        and tokens.device == scores.device
+        and scores.shape[1] <= 8192
+    )
+    if not use:
+        indices, mask = F.select_topk(scores, k, valid=valid)
+        return indices, mask, F.gather_tokens(tokens, indices)
+    if valid is not None:
+        F._check_tensor(valid, "valid")
+        if valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool tensor [B,N] (True = may be selected), got dtype {valid.dtype}")
+        if valid.shape != scores.shape:
+            raise ValueError(f"valid must have shape {tuple(scores.shape)} like scores, got {tuple(valid.shape)}")
+        if valid.device != scores.device:
+            raise ValueError(f"valid is on {valid.device} but scores are on {scores.device}")
+    return torch.ops.attnselect.topk_gather(scores, k, tokens, valid)
+
+
+def attention_probs(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    head_fusion: str | None = "mean",
+    query_rows: Tensor | None = None,
+) -> Tensor:
+    """Softmax attention probabilities, fused over heads, Triton when the gate allows.
+
+    Args and returns: exactly those of :func:`attnselect.functional.attention_probs`. The Triton path never
+    materialises the per-head ``[B,H,N,N]`` logits; it is taken for fp32/fp16/bf16 ``q``/``k`` with head dim <= 256
+    that need no autograd.
+    """
+    use = (
+        isinstance(q, Tensor)
+        and isinstance(k, Tensor)
+        and _enabled_for(q.device.type)
+        and q.dtype in _KERNEL_DTYPES
+        and k.dtype == q.dtype
+        and q.dim() == 4
+        and k.dim() == 4
+        and q.shape[-1] <= 256
+        and (bias is None or isinstance(bias, Tensor))
+        and (query_rows is None or isinstance(query_rows, Tensor))
+        and not _grad_needed(q, k, bias)
+    )
+    if not use:
+        return F.attention_probs(
+            q, k, scale=scale, bias=bias, causal=causal, head_fusion=head_fusion, query_rows=query_rows
+        )
+    if head_fusion is not None:
+        F._check_choice(head_fusion, F.FUSION_MODES, "head_fusion")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and d")
+    return torch.ops.attnselect.attention_probs(
+        q, k, float(scale), bias, bool(causal), "none" if head_fusion is None else head_fusion, query_rows
+    )
+
+
+sys.modules[__name__].__class__ = _Package

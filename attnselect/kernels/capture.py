@@ -1,0 +1,321 @@
+"""Fused attention-probability capture in Triton: ``softmax(q k^T * scale + bias)`` fused over heads.
+
+Grid ``(B, cdiv(R, BLOCK_M))`` where R is the number of query rows kept (N, or the chosen ``query_rows``). Each
+program handles ``BLOCK_M`` query rows of one sample in two phases, flash-attention style, so the per-head
+``[B,H,N,N]`` probabilities never exist in memory:
+
+1. for every head, an online-softmax sweep over key blocks gives the row max ``m_h`` and normaliser ``l_h``
+   (a ``[B,H,R]`` fp32 scratch, 2 floats per row and head);
+2. for every key block, the logits of every head are recomputed and ``exp(s - m_h) / l_h`` is folded into one
+   ``[BLOCK_M, BLOCK_N]`` accumulator (sum for ``mean``, max, min), written once to the ``[B,R,N]`` fp32 output.
+   With ``head_fusion=None`` the per-head probabilities are written instead (``[B,H,R,N]``).
+
+Logits are fp32: fp16/bf16 ``q``, ``k`` use tensor-core dots with fp32 accumulation (their products are exact in
+fp32), fp32 inputs use IEEE fp32 dots (no TF32). Under the Triton interpreter bf16 tiles are upcast to fp32 first
+(the interpreter's bf16 dot is wrong). The additive bias may be any broadcastable view (strides of 0 are read as
+such, nothing is expanded in memory); ``-inf`` blocks an entry and a fully blocked row gives zeros, as in
+:func:`attnselect.functional.attention_probs`.
+
+Cost: two ``QK^T`` per layer (compute is cheap next to the ``[B,R,N]`` write); reads of Q, K are L2-friendly.
+Limits: head dim up to 256, fp32/fp16/bf16 inputs (fp64 goes to the reference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the gate never calls in here without Triton
+    triton = None
+    tl = None
+
+__all__ = ["attention_probs_forward"]
+
+_FUSION = {"mean": 0, "max": 1, "min": 2, None: 3}
+
+if triton is not None:
+
+    @triton.jit
+    def _logits(
+        Q,
+        K,
+        BIAS,
+        b,
+        h,
+        qpos,
+        rm,
+        cols,
+        d,
+        NK,
+        HD,
+        scale,
+        sqb,
+        sqh,
+        sqn,
+        skb,
+        skh,
+        skn,
+        sbb,
+        sbh,
+        sbn,
+        sbk,
+        HAS_BIAS: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        dm = d < HD
+        cm = cols < NK
+        q = tl.load(
+            Q + b * sqb + h * sqh + qpos[:, None].to(tl.int64) * sqn + d[None, :],
+            mask=rm[:, None] & dm[None, :],
+            other=0.0,
+        )
+        k = tl.load(
+            K + b * skb + h * skh + cols[:, None].to(tl.int64) * skn + d[None, :],
+            mask=cm[:, None] & dm[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        if HAS_BIAS:
+            bias = tl.load(
+                BIAS + b * sbb + h * sbh + qpos[:, None].to(tl.int64) * sbn + cols[None, :].to(tl.int64) * sbk,
+                mask=rm[:, None] & cm[None, :],
+                other=0.0,
+            )
+            s = s + bias.to(tl.float32)
+        ok = cm[None, :] & rm[:, None]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= qpos[:, None])
+        return tl.where(ok, s, float("-inf"))
+
+    @triton.jit
+    def _capture_kernel(
+        Q,
+        K,
+        BIAS,
+        ROWS,
+        OUT,
+        STATS,
+        H,
+        R,
+        NK,
+        HD,
+        scale,
+        sqb,
+        sqh,
+        sqn,
+        skb,
+        skh,
+        skn,
+        sbb,
+        sbh,
+        sbn,
+        sbk,
+        srb,
+        sob,
+        soh,
+        sor,
+        HAS_BIAS: tl.constexpr,
+        HAS_ROWS: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        FUSION: tl.constexpr,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = r < R
+        if HAS_ROWS:
+            qpos = tl.load(ROWS + b * srb + r, mask=rm, other=0).to(tl.int32)
+        else:
+            qpos = r
+        d = tl.arange(0, BLOCK_D)
+        cols0 = tl.arange(0, BLOCK_N)
+        stats_m = STATS + (b * H * R) * 2
+        # phase 1: per-head row max and normaliser
+        for h in range(H):
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for n0 in range(0, NK, BLOCK_N):
+                s = _logits(
+                    Q, K, BIAS, b, h, qpos, rm, n0 + cols0, d, NK, HD, scale,
+                    sqb, sqh, sqn, skb, skh, skn, sbb, sbh, sbn, sbk, HAS_BIAS, CAUSAL, IEEE,
+                )  # fmt: skip
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+                m_i = m_new
+            m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+            inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+            tl.store(stats_m + (h * R + r) * 2, m_i, mask=rm)
+            tl.store(stats_m + (h * R + r) * 2 + 1, inv, mask=rm)
+        tl.debug_barrier()
+        # phase 2: probabilities of every head folded into one tile, written once
+        for n0 in range(0, NK, BLOCK_N):
+            cols = n0 + cols0
+            om = rm[:, None] & (cols < NK)[None, :]
+            if FUSION == 0:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            elif FUSION == 1:
+                acc = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
+            else:
+                acc = tl.full([BLOCK_M, BLOCK_N], float("inf"), dtype=tl.float32)
+            for h in range(H):
+                s = _logits(
+                    Q, K, BIAS, b, h, qpos, rm, cols, d, NK, HD, scale,
+                    sqb, sqh, sqn, skb, skh, skn, sbb, sbh, sbn, sbk, HAS_BIAS, CAUSAL, IEEE,
+                )  # fmt: skip
+                m_i = tl.load(stats_m + (h * R + r) * 2, mask=rm, other=0.0)
+                inv = tl.load(stats_m + (h * R + r) * 2 + 1, mask=rm, other=0.0)
+                p = tl.exp(s - m_i[:, None]) * inv[:, None]
+                if FUSION == 3:
+                    dst = OUT + b * sob + h * soh + r[:, None].to(tl.int64) * sor + cols[None, :]
+                    tl.store(dst, p, mask=om)
+                elif FUSION == 0:
+                    acc += p
+                elif FUSION == 1:
+                    acc = tl.maximum(acc, p)
+                else:
+                    acc = tl.minimum(acc, p)
+            if FUSION != 3:
+                if FUSION == 0:
+                    acc = acc / H
+                tl.store(OUT + b * sob + r[:, None].to(tl.int64) * sor + cols[None, :], acc, mask=om)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the Triton capture kernel needs the `triton` package (pip install attnselect[triton])")
+
+
+def attention_probs_forward(
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    head_fusion: str | None = "mean",
+    query_rows: Tensor | None = None,
+) -> Tensor:
+    """Launch the fused capture.
+
+    Args:
+        q: ``[B,H,Nq,d]`` queries (fp32/fp16/bf16).
+        k: ``[B,H,Nk,d]`` keys, same dtype.
+        scale: logit multiplier.
+        bias: optional additive bias broadcastable to ``[B,H,Nq,Nk]``.
+        causal: block keys after each query position (``Nq == Nk``).
+        head_fusion: ``"mean"``, ``"max"``, ``"min"`` or None (per head).
+        query_rows: optional LongTensor ``[R]`` or ``[B,R]`` of query rows to keep.
+
+    Returns:
+        fp32 ``[B,R,Nk]`` (fused) or ``[B,H,R,Nk]`` (``head_fusion=None``), R = Nq without ``query_rows``.
+    """
+    _require_triton()
+    if head_fusion not in _FUSION:
+        raise ValueError(f"head_fusion must be 'mean', 'max', 'min' or None, got {head_fusion!r}")
+    for t, name in ((q, "q"), (k, "k")):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B,H,N,d], got {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name} must be fp32, fp16 or bf16 for the Triton path, got {t.dtype}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and d")
+    if k.device != q.device:
+        raise ValueError(f"k is on {k.device} but q is on {q.device}")
+    b, h, nq, hd = q.shape
+    nk = k.shape[2]
+    if hd > 256:
+        raise ValueError(f"the Triton capture kernel handles head dims up to 256, got {hd}")
+    if causal and nq != nk:
+        raise ValueError(f"causal attention needs as many queries as keys, got {nq} and {nk}")
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if query_rows is not None:
+        if query_rows.dtype.is_floating_point or query_rows.dtype == torch.bool:
+            raise TypeError(f"query_rows must hold integer row indices, got dtype {query_rows.dtype}")
+        if query_rows.dim() == 1:
+            query_rows = query_rows.unsqueeze(0).expand(b, -1)
+        if query_rows.dim() != 2 or query_rows.shape[0] != b:
+            raise ValueError(f"query_rows must have shape [R] or [B,R] with B = {b}, got {tuple(query_rows.shape)}")
+        rows = query_rows.to(device=q.device, dtype=torch.int32)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= nq):
+            raise ValueError(f"query_rows must lie in [0, {nq})")
+        r = rows.shape[1]
+    else:
+        rows = None
+        r = nq
+    if bias is not None:
+        if not bias.is_floating_point():
+            bias = bias.float()
+        bias = bias.to(q.device)
+        try:
+            bias = bias.expand(b, h, nq, nk)
+        except RuntimeError:
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to {(b, h, nq, nk)}") from None
+    fused = head_fusion is not None
+    shape = (b, r, nk) if fused else (b, h, r, nk)
+    out = torch.empty(shape, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    stats = torch.empty(b, h, r, 2, device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(hd))
+    block_m = 32 if block_d <= 64 else 16
+    block_n = 64 if block_d <= 128 else 32
+    bs = bias.stride() if bias is not None else (0, 0, 0, 0)
+    _capture_kernel[(b, triton.cdiv(r, block_m))](
+        q,
+        k,
+        bias if bias is not None else q,
+        rows if rows is not None else q,
+        out,
+        stats,
+        h,
+        r,
+        nk,
+        hd,
+        float(scale),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        *bs,
+        rows.stride(0) if rows is not None else 0,
+        out.stride(0),
+        out.stride(1) if not fused else 0,
+        out.stride(-2),
+        HAS_BIAS=bias is not None,
+        HAS_ROWS=rows is not None,
+        CAUSAL=bool(causal),
+        FUSION=_FUSION[head_fusion],
+        # the Triton interpreter multiplies bf16 tiles wrongly (bit patterns as integers), so it upcasts them
+        IEEE=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting()),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,178 @@
+"""Fused top-k selection + token gather in Triton.
+
+One launch, grid ``(B, cdiv(k, BLOCK_K))``: every program loads its sample's scores ``[N]`` (and the optional valid
+mask), builds one int64 sort key per token, ``(reversed order key of the fp32 score) << 32 | token index``, with
+invalid tokens pushed behind every valid one, and sorts it ascending with ``tl.sort`` (bitonic). The sorted order is
+descending score, ties to the lower token index, exactly :func:`attnselect.functional.select_topk`. Each program then
+writes its ``BLOCK_K`` slice of ``indices`` / ``mask`` (positions past the number of valid tokens repeat the last
+valid index with ``mask`` False) and gathers those rows of ``tokens [B,N,D]`` into ``[B,k,D]``. Sorting a row again
+in every program costs ``O(N log^2 N)`` register work and buys parallelism over ``k`` for small batches.
+
+The backward (``gather_backward``) scatter-adds the output gradient into a zero ``[B,N,D]`` token gradient; repeated
+tail indices accumulate, as ``torch.gather``'s gradient does.
+
+Limits: scores in fp32/fp16/bf16 (fp64 scores would lose ties in the fp32 key: the gate sends them to the reference),
+N up to 8192 (one sorted row per program), tokens of any float dtype including fp64 (gradcheck runs in fp64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the gate never calls in here without Triton
+    triton = None
+    tl = None
+
+__all__ = ["MAX_TOKENS", "gather_backward", "topk_gather_forward"]
+
+MAX_TOKENS = 8192
+
+
+if triton is not None:
+
+    @triton.jit
+    def _topk_gather_kernel(
+        S,
+        VALID,
+        T,
+        IDX,
+        MASK,
+        OUT,
+        N,
+        K,
+        D,
+        stride_sb,
+        stride_vb,
+        stride_tb,
+        stride_tn,
+        stride_ob,
+        stride_ok,
+        HAS_VALID: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        n = tl.arange(0, BLOCK_N)
+        inside = n < N
+        s = tl.load(S + b * stride_sb + n, mask=inside, other=0.0).to(tl.float32) + 0.0
+        ok = inside
+        if HAS_VALID:
+            ok = ok & (tl.load(VALID + b * stride_vb + n, mask=inside, other=0) != 0)
+        bits = s.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed, ordered like the floats
+        rev = tl.where(ok, -1 - key, 2147483647)  # ascending rev = descending score; invalid last
+        packed = rev.to(tl.int64) * 4294967296 + n.to(tl.int64)
+        order = (tl.sort(packed) & 4294967295).to(tl.int32)
+        num_valid = tl.sum(ok.to(tl.int32), axis=0)
+        last_valid = tl.sum(tl.where(n == num_valid - 1, order, 0), axis=0)
+        p = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        pm = p < K
+        picked = tl.sum(tl.where(p[:, None] == n[None, :], order[None, :], 0), axis=1)
+        keep = p < num_valid
+        idx = tl.where(keep, picked, last_valid)
+        tl.store(IDX + b * K + p, idx.to(tl.int64), mask=pm)
+        tl.store(MASK + b * K + p, keep.to(tl.int8), mask=pm)
+        d = tl.arange(0, BLOCK_D)
+        src = T + b * stride_tb + idx.to(tl.int64)[:, None] * stride_tn
+        dst = OUT + b * stride_ob + p.to(tl.int64)[:, None] * stride_ok
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + d
+            m = pm[:, None] & (dd < D)[None, :]
+            tl.store(dst + dd[None, :], tl.load(src + dd[None, :], mask=m), mask=m)
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the Triton top-k kernel needs the `triton` package (pip install attnselect[triton])")
+
+
+def _check(scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape [B,N], got {tuple(scores.shape)}")
+    if scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"scores must be fp32, fp16 or bf16 for the Triton path, got {scores.dtype}")
+    b, n = scores.shape
+    if tokens.dim() != 3 or tokens.shape[:2] != (b, n):
+        raise ValueError(f"tokens must have shape [B,N,D] = [{b},{n},D] like scores, got {tuple(tokens.shape)}")
+    if not tokens.is_floating_point():
+        raise TypeError(f"tokens must be a floating-point tensor, got {tokens.dtype}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] (N = {n}), got {k}")
+    if n > MAX_TOKENS:
+        raise ValueError(f"the Triton top-k kernel handles N <= {MAX_TOKENS} tokens, got N = {n}")
+    if valid is not None and (valid.shape != scores.shape or valid.dtype != torch.bool):
+        raise ValueError(
+            f"valid must be a bool tensor of shape {tuple(scores.shape)}, got {valid.dtype} {tuple(valid.shape)}"
+        )
+    for t, name in ((tokens, "tokens"), (valid, "valid")):
+        if t is not None and t.device != scores.device:
+            raise ValueError(f"{name} is on {t.device} but scores are on {scores.device}")
+
+
+def topk_gather_forward(
+    scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the fused top-k + gather.
+
+    Args:
+        scores: ``[B,N]`` fp32/fp16/bf16 scores (no NaN).
+        k: tokens to keep, in ``[1, N]``.
+        tokens: ``[B,N,D]`` token features.
+        valid: optional bool ``[B,N]``; every sample needs one True entry.
+
+    Returns:
+        ``(indices [B,k] int64, mask [B,k] bool, gathered [B,k,D])``.
+    """
+    _require_triton()
+    _check(scores, k, tokens, valid)
+    b, n = scores.shape
+    dim = tokens.shape[-1]
+    scores = scores.contiguous()
+    if tokens.stride(-1) != 1:
+        tokens = tokens.contiguous()
+    indices = torch.empty(b, k, device=scores.device, dtype=torch.int64)
+    mask = torch.empty(b, k, device=scores.device, dtype=torch.int8)
+    out = torch.empty(b, k, dim, device=tokens.device, dtype=tokens.dtype)
+    if valid is not None:
+        valid_i8 = valid.contiguous().view(torch.int8)
+    else:
+        valid_i8 = scores  # never read
+    block_n = max(16, triton.next_power_of_2(n))
+    block_k = min(64 if block_n <= 1024 else 16, max(16, triton.next_power_of_2(k)))
+    block_d = min(256, max(16, triton.next_power_of_2(dim)))
+    if b and k and dim:
+        _topk_gather_kernel[(b, triton.cdiv(k, block_k))](
+            scores,
+            valid_i8,
+            tokens,
+            indices,
+            mask,
+            out,
+            n,
+            k,
+            dim,
+            scores.stride(0),
+            valid_i8.stride(0),
+            tokens.stride(0),
+            tokens.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HAS_VALID=valid is not None,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            num_warps=4 if block_n <= 1024 else 8,
+        )
+    return indices, mask.view(torch.bool), out
+
+
+def gather_backward(grad_out: Tensor, indices: Tensor, num_tokens: int) -> Tensor:
+    """Token gradient of the gather: scatter-add ``grad_out [B,k,D]`` into zeros ``[B,N,D]`` at ``indices [B,k]``."""
+    b, _, dim = grad_out.shape
+    grad = torch.zeros(b, num_tokens, dim, device=grad_out.device, dtype=grad_out.dtype)
+    return grad.scatter_add_(1, indices.unsqueeze(-1).expand(-1, -1, dim), grad_out)

@@ -1,0 +1,109 @@
+"""Attention-capture benchmark: the fused head-averaged capture vs the host's own attention and the eager capture.
+
+Providers on the same ``q, k, v`` ``[B,H,N,d]`` of one layer:
+
+- ``host_sdpa``: ``torch.nn.functional.scaled_dot_product_attention(q, k, v)``, the host's own (flash/efficient)
+  attention for that layer: the cost the host pays anyway, for scale;
+- ``eager_capture``: :func:`baselines.eager_attention_probs`, the fp32 ``[B,H,N,N]`` softmax materialised, then
+  averaged over heads;
+- ``reference``: :func:`attnselect.functional.attention_probs` (what the capture hooks call);
+- ``triton``: :func:`attnselect.kernels.attention_probs` on CUDA (no ``[B,H,N,N]`` intermediate);
+- ``triton_query_row``: the same kernel keeping only query row 0 (what a CLS-row selector needs).
+
+Shapes: ITSELF image ``B=256, H=12, N=193, d=64``, ITSELF text (causal) ``B=256, H=8, N=77, d=64``,
+ViT-L/14-336 ``B=64, H=16, N=577, d=64``; fp16 on CUDA, fp32 on CPU.
+
+Usage: ``python benchmarks/bench_capture.py [--quick] [--device cpu|cuda]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baselines import eager_attention_probs
+from harness import Row, kernels_available, measure, parse_args, peak_bandwidth, write_results
+
+from attnselect import functional as F
+
+OP = "capture"
+
+
+def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list[Row]:
+    b, h, n, d, causal, name = spec
+    device = args.device
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, device=device, generator=g).to(dtype) for _ in range(3))
+    scale = d**-0.5
+    in_bytes = 2 * q.numel() * q.element_size()
+    out_bytes = b * n * n * 4
+    providers = [
+        (
+            "host_sdpa",
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            3 * q.numel() * q.element_size() + q.numel() * q.element_size(),
+        ),
+        ("eager_capture", lambda: eager_attention_probs(q, k, scale, causal), in_bytes + out_bytes),
+        ("reference", lambda: F.attention_probs(q, k, scale=scale, causal=causal), in_bytes + out_bytes),
+    ]
+    if triton_ok:
+        import attnselect.kernels as K
+
+        rows0 = torch.zeros(1, dtype=torch.long, device=device)
+        providers += [
+            ("triton", lambda: K.attention_probs(q, k, scale=scale, causal=causal), in_bytes + out_bytes),
+            (
+                "triton_query_row",
+                lambda: K.attention_probs(q, k, scale=scale, causal=causal, query_rows=rows0),
+                in_bytes + b * n * 4,
+            ),
+        ]
+        diff = K.attention_probs(q, k, scale=scale, causal=causal) - F.attention_probs(q, k, scale=scale, causal=causal)
+        print(f"check: triton vs reference max abs diff {diff.abs().max().item():.2e}", file=sys.stderr)
+    shape = f"{name} B={b} H={h} N={n} d={d}" + (" causal" if causal else "")
+    rows = []
+    with torch.no_grad():
+        for provider, fn, nbytes in providers:
+            rows.append(
+                measure(
+                    OP,
+                    provider,
+                    fn,
+                    shape=shape,
+                    dtype=dtype,
+                    nbytes=nbytes,
+                    device=device,
+                    warmup=args.warmup,
+                    reps=args.reps,
+                )
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    shapes = [
+        (256, 12, 193, 64, False, "itself-image"),
+        (256, 8, 77, 64, True, "itself-text"),
+        (64, 16, 577, 64, False, "vit-l14-336"),
+    ]
+    if args.device == "cpu":
+        shapes = [(16, 12, 193, 64, False, "itself-image"), (16, 8, 77, 64, True, "itself-text")]
+    if args.quick:
+        shapes = shapes[:1]
+    triton_ok = kernels_available(args.device)
+    for spec in shapes:  # each shape's rows are saved as soon as they exist
+        write_results(OP, _bench_shape(args, spec, triton_ok), args)
+    bw = peak_bandwidth(args.device)
+    if bw:
+        print(f"device peak bandwidth (nominal): {bw:.0f} GB/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Rollout (MARS) benchmark: published loop-based code vs the vectorised reference vs Triton vs the memory floor.
+
+Providers, all on the same per-head maps ``[B,H,N,N]`` of two layers, discard ratio 0.25, mean head fusion:
+
+- ``published``: :func:`baselines.published_rollout` (identity start, full N x N products, a Python loop over the
+  batch for the discard);
+- ``reference_full`` / ``reference_query``: :func:`attnselect.functional.rollout` (full product / query row 0);
+- ``reference_query_compiled``: the query-row reference under ``torch.compile`` (default inductor backend);
+- ``triton_full`` / ``triton_query``: :func:`attnselect.kernels.rollout` on CUDA;
+- ``floor``: one ``torch.mean`` over heads of the same maps, the least any rollout must do (read every map once).
+
+Shapes: CPU ``B=64, H=12, N=193``; CUDA ITSELF image ``B=256, H=12, N=193``, ITSELF text ``B=256, H=8, N=77``,
+ViT-L/14-336 ``B=64, H=16, N=577``. ``--quick`` runs the first shape only, with fewer repetitions.
+
+Usage: ``python benchmarks/bench_rollout.py [--quick] [--device cpu|cuda]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baselines import published_rollout
+from harness import Row, kernels_available, measure, parse_args, peak_bandwidth, write_results
+
+from attnselect import functional as F
+
+OP = "rollout"
+LAYERS = 2
+
+
+def _maps(b: int, h: int, n: int, dtype: torch.dtype, device: str, causal: bool) -> list[torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    out = []
+    for _ in range(LAYERS):
+        logits = torch.randn(b, h, n, n, device=device, generator=g)
+        if causal:
+            logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool, device=device).triu(1), float("-inf"))
+        out.append(torch.softmax(logits, dim=-1).to(dtype))
+    return out
+
+
+def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list[Row]:
+    b, h, n, dtype, causal, name = spec
+    device = args.device
+    rows: list[Row] = []
+    if triton_ok:
+        import attnselect.kernels as K
+    maps = _maps(b, h, n, dtype, device, causal)
+    shape = f"{name} L={LAYERS} B={b} H={h} N={n}"
+    in_bytes = sum(m.numel() * m.element_size() for m in maps)
+    full_bytes = in_bytes + b * n * n * 4
+    query_bytes = in_bytes + b * n * 4
+    providers = [
+        ("published", lambda: published_rollout(maps, 0.25), full_bytes),
+        ("reference_full", lambda: F.rollout(maps, discard_ratio=0.25), full_bytes),
+        ("reference_query", lambda: F.rollout(maps, discard_ratio=0.25, query=0), query_bytes),
+    ]
+    try:
+        compiled = torch.compile(lambda m: F.rollout(m, discard_ratio=0.25, query=0))
+        compiled(maps)
+        providers.append(("reference_query_compiled", lambda: compiled(maps), query_bytes))
+    except Exception as err:  # report and go on: the other providers still mean something
+        print(f"torch.compile of the reference failed, skipped: {err!r}"[:300], file=sys.stderr)
+    if triton_ok:
+        providers += [
+            ("triton_full", lambda: K.rollout(maps, discard_ratio=0.25), full_bytes),
+            ("triton_query", lambda: K.rollout(maps, discard_ratio=0.25, query=0), query_bytes),
+        ]
+    providers.append(("floor", lambda: [m.mean(dim=1) for m in maps], in_bytes + in_bytes // h))
+    # the paths must agree before their times mean anything
+    ref = F.rollout(maps, discard_ratio=0.25)
+    pub = published_rollout(maps, 0.25).float()
+    print(f"check: published vs reference max abs diff {(pub - ref).abs().max().item():.2e}", file=sys.stderr)
+    if triton_ok:
+        diff = (K.rollout(maps, discard_ratio=0.25, query=0) - ref[:, 0]).abs().max().item()
+        print(f"check: triton query vs reference max abs diff {diff:.2e}", file=sys.stderr)
+    for provider, fn, nbytes in providers:
+        reps = max(1, args.reps // 3) if provider == "published" and device == "cpu" else args.reps
+        rows.append(
+            measure(
+                OP,
+                provider,
+                fn,
+                shape=shape,
+                dtype=dtype,
+                nbytes=nbytes,
+                device=device,
+                warmup=min(args.warmup, 1) if provider == "published" else args.warmup,
+                reps=reps,
+            )
+        )
+    by = {r.provider: r.median_ms for r in rows if r.shape == shape}
+    print(
+        f"summary {shape}: reference_query is {by['published'] / by['reference_query']:.1f}x faster than "
+        f"published and {by['reference_query'] / by['floor']:.2f}x the memory floor",
+        file=sys.stderr,
+    )
+    if "triton_query" in by:
+        print(
+            f"summary {shape}: triton_query {by['published'] / by['triton_query']:.1f}x faster than published, "
+            f"{by['triton_query'] / by['floor']:.2f}x the floor",
+            file=sys.stderr,
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    device = args.device
+    if device == "cuda":
+        shapes = [
+            (256, 12, 193, torch.float16, False, "itself-image"),
+            (256, 12, 193, torch.float32, False, "itself-image"),
+            (256, 8, 77, torch.float16, True, "itself-text"),
+            (64, 16, 577, torch.float16, False, "vit-l14-336"),
+        ]
+    else:
+        shapes = [(64, 12, 193, torch.float32, False, "itself-image")]
+    if args.quick:
+        shapes = shapes[:1]
+    triton_ok = kernels_available(device)
+    for spec in shapes:  # each shape's rows are saved as soon as they exist
+        write_results(OP, _bench_shape(args, spec, triton_ok), args)
+    bw = peak_bandwidth(device)
+    if bw:
+        print(f"device peak bandwidth (nominal): {bw:.0f} GB/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Triton kernels against the functional reference, and the gate that chooses between them.
+
+Tests marked ``kernels`` run the Triton code: on CPU through the interpreter (``TRITON_INTERPRET=1``, set for that
+pytest invocation), on CUDA compiled, whenever a GPU is present. Unmarked tests check the gate and the lean import
+and run without Triton being used.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnselect.kernels as K
+from attnselect import functional as F
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    dev = request.param
+    if not K.kernels_enabled(torch.empty(0, device=dev)):
+        pytest.skip(f"Triton path off for {dev}: {K.explain(torch.empty(0, device=dev))}")
+    return dev
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _softmax_maps(b: int, h: int, n: int, layers: int = 2, seed: int = 0, causal: bool = False) -> list[torch.Tensor]:
+    g = _gen(seed)
+    out = []
+    for _ in range(layers):
+        logits = torch.randn(b, h, n, n, generator=g) * 2
+        if causal:
+            logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        out.append(torch.softmax(logits, dim=-1))
+    return out
+
+
+def _dyadic_maps(b: int, h: int, n: int, layers: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    """Maps of small multiples of 1/8: many exact ties, and a mean over 4 heads is exact in fp32."""
+    g = _gen(seed)
+    return [torch.randint(0, 6, (b, h, n, n), generator=g).float() / 8 for _ in range(layers)]
+
+
+def _assert_lowp_close(out: torch.Tensor, ref_lowp: torch.Tensor, ref32: torch.Tensor, atol: float) -> None:
+    """Kernel error vs the fp32 reference at most twice PyTorch's own error at that precision, plus ``atol``."""
+    err_kernel = (out - ref32).abs().max().item()
+    err_torch = (ref_lowp - ref32).abs().max().item()
+    assert err_kernel <= 2 * err_torch + atol, (err_kernel, err_torch)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# rollout
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.kernels
+@pytest.mark.parametrize(
+    ("b", "h", "n", "per_sample_query"),
+    [(1, 12, 1, False), (3, 4, 2, True), (3, 3, 50, True), (1, 2, 77, False), (1, 2, 197, True)],
+)
+def test_rollout_matches_reference(device: str, b: int, h: int, n: int, per_sample_query: bool) -> None:
+    maps = [m.to(device) for m in _softmax_maps(b, h, n, seed=n)]
+    query = torch.randint(0, n, (b,), generator=_gen(1)).to(device) if per_sample_query else 0
+    ref_full = F.rollout(maps, discard_ratio=0.25)
+    out_full = K.rollout(maps, discard_ratio=0.25)
+    torch.testing.assert_close(out_full, ref_full, rtol=1e-5, atol=1e-6)
+    ref_q = F.rollout(maps, discard_ratio=[0.25, 0.4], query=query)
+    out_q = K.rollout(maps, discard_ratio=[0.25, 0.4], query=query)
+    assert out_q.shape == (b, n) and out_q.dtype == torch.float32
+    torch.testing.assert_close(out_q, ref_q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("protect", ["entry0", "none"])
+@pytest.mark.parametrize("n", [7, 33])
+def test_rollout_discards_the_same_entries(device: str, ratio: float, protect: str, n: int) -> None:
+    # one [B,N,N] layer with many ties: R = (A_d + I) / s, so R's zeros are exactly the discarded entries
+    a = (_dyadic_maps(3, 1, n, layers=1, seed=n)[0][:, 0] + 0.125).to(device)  # strictly positive
+    a[:, 0, 0] = 0.125  # entry (0, 0) among the smallest: protect decides its fate
+    ref = F.rollout([a], discard_ratio=ratio, protect=protect)
+    out = K.rollout([a], discard_ratio=ratio, protect=protect)
+    assert torch.equal(out == 0, ref == 0)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
+def test_rollout_head_fusion_with_ties(device: str, head_fusion: str) -> None:
+    maps = [m.to(device) for m in _dyadic_maps(3, 4, 19, layers=2)]
+    query = torch.tensor([0, 18, 7], device=device)
+    for q in (None, query):
+        ref = F.rollout(maps, discard_ratio=[0.3, 0.5], head_fusion=head_fusion, query=q)
+        out = K.rollout(maps, discard_ratio=[0.3, 0.5], head_fusion=head_fusion, query=q)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rollout_low_precision_inputs(device: str, dtype: torch.dtype) -> None:
+    maps32 = [m.to(device) for m in _softmax_maps(2, 3, 50, seed=5, causal=True)]
+    maps = [m.to(dtype) for m in maps32]
+    query = torch.tensor([49, 20], device=device)  # text-like: causal maps, per-sample EOS rows
+    for q in (None, query):
+        ref32 = F.rollout(maps32, query=q)
+        ref_lowp = F.rollout(maps, query=q)
+        out = K.rollout(maps, query=q)
+        torch.testing.assert_close(out, ref_lowp, rtol=1e-5, atol=1e-6)  # same fp32 math on the same values
+        _assert_lowp_close(out, ref_lowp, ref32, atol=1e-6)
+
+
+@pytest.mark.kernels
+def test_rollout_stacked_and_bad_input(device: str) -> None:
+    maps = torch.stack(_softmax_maps(2, 2, 9)).to(device)  # [L,B,H,N,N]
+    torch.testing.assert_close(K.rollout(maps, query=3), F.rollout(maps, query=3), rtol=1e-5, atol=1e-6)
+    bad = maps.clone()
+    bad[0, 1, 0, 2, 2] = -1.0
+    with pytest.raises(ValueError, match="non-negative"):
+        K.rollout(bad)
+    with pytest.raises(ValueError, match="query"):
+        K.rollout(maps, query=torch.tensor([0, 9], device=device))
+    with pytest.raises(ValueError, match="discard_ratio"):
+        K.rollout(maps, discard_ratio=[0.1])
+
+
+@pytest.mark.kernels
+def test_rollout_does_not_modify_inputs(device: str) -> None:
+    maps = [m.to(device) for m in _softmax_maps(2, 1, 12)]
+    maps = [m[:, 0] for m in maps]  # [B,N,N] fp32: the kernel reads the caller's memory directly
+    before = [m.clone() for m in maps]
+    K.rollout(maps, discard_ratio=0.5)
+    K.rollout(maps, discard_ratio=0.5, query=1)
+    assert all(torch.equal(a, c) for a, c in zip(maps, before))
+
+
+@pytest.mark.kernels
+def test_rollout_large_n_on_gpu() -> None:
+    if not torch.cuda.is_available() or not K.kernels_enabled(torch.empty(0, device="cuda")):
+        pytest.skip("N = 1025 is only affordable compiled on a GPU")
+    maps = [m.cuda() for m in _softmax_maps(2, 4, 1025, seed=3)]
+    torch.testing.assert_close(K.rollout(maps), F.rollout(maps), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(K.rollout(maps, query=0), F.rollout(maps, query=0), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# top-k + gather
+# --------------------------------------------------------------------------------------------------------------------
+def _reference_topk_gather(scores, k, tokens, valid=None):
+    indices, mask = F.select_topk(scores, k, valid=valid)
+    return indices, mask, F.gather_tokens(tokens, indices)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize(
+    ("b", "n", "d", "k", "with_valid"),
+    [
+        (1, 1, 384, 1, False),
+        (3, 50, 512, 20, False),
+        (3, 50, 512, 20, True),
+        (2, 193, 384, 96, True),
+        (3, 77, 512, 37, True),
+    ],
+)
+def test_topk_gather_matches_reference(device: str, b: int, n: int, d: int, k: int, with_valid: bool) -> None:
+    g = _gen(n)
+    scores = (torch.randint(0, 7, (b, n), generator=g).float() / 7).to(device)  # plenty of ties
+    tokens = torch.randn(b, n, d, generator=g).to(device)
+    valid = None
+    if with_valid:
+        valid = torch.rand(b, n, generator=g) > 0.6
+        valid[:, min(3, n - 1)] = True
+        if b > 1:
+            valid[1] = False
+            valid[1, : min(n, 2)] = True  # fewer valid tokens than k: tail repeats the last valid index
+        valid = valid.to(device)
+    out = K.select_topk_gather(scores, k, tokens, valid=valid)
+    ref = _reference_topk_gather(scores, k, tokens, valid)
+    for o, r in zip(out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert torch.equal(o, r)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_topk_gather_dtypes(device: str, dtype: torch.dtype) -> None:
+    g = _gen(2)
+    scores = torch.randn(3, 77, generator=g).to(device, dtype)
+    scores[0, 10] = scores[0, 40] = scores[0].max()  # tie at the top
+    scores[1, 5] = -0.0
+    scores[1, 6] = 0.0  # -0.0 and +0.0 compare equal: the lower index first
+    tokens = torch.randn(3, 77, 384, generator=g).to(device, dtype)
+    out = K.select_topk_gather(scores, 30, tokens)
+    ref = _reference_topk_gather(scores, 30, tokens)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+
+
+@pytest.mark.kernels
+def test_topk_gather_gradcheck(device: str) -> None:
+    g = _gen(3)
+    scores = torch.randn(2, 6, generator=g).to(device)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 0, 0]], dtype=torch.bool, device=device)
+    tokens = torch.randn(2, 6, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return K.select_topk_gather(scores, 5, t, valid=valid)[2]
+
+    assert torch.autograd.gradcheck(fn, (tokens,), eps=1e-6, atol=1e-8, fast_mode=True)
+    # the tail of sample 1 repeats its last valid token: its gradient accumulates
+    fn(tokens).sum().backward()
+    ref_tokens = tokens.detach().clone().requires_grad_()
+    _reference_topk_gather(scores, 5, ref_tokens, valid)[2].sum().backward()
+    assert torch.equal(tokens.grad, ref_tokens.grad)
+    last = int(K.select_topk_gather(scores, 5, tokens.detach(), valid=valid)[0][1, 1])  # sample 1: 2 valid tokens
+    assert tokens.grad[1, last].sum().item() == pytest.approx(4 * 3)
+
+
+@pytest.mark.kernels
+def test_topk_gather_bad_input(device: str) -> None:
+    scores = torch.randn(2, 9, device=device)
+    tokens = torch.randn(2, 9, 4, device=device)
+    with pytest.raises(ValueError, match="k must be"):
+        K.select_topk_gather(scores, 10, tokens)
+    with pytest.raises(ValueError, match="tokens"):
+        K.select_topk_gather(scores, 3, tokens[:, :8])
+    nan_scores = scores.clone()
+    nan_scores[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        K.select_topk_gather(nan_scores, 3, tokens)
+    valid = torch.ones(2, 9, dtype=torch.bool, device=device)
+    valid[0] = False
+    with pytest.raises(ValueError, match="valid"):
+        K.select_topk_gather(scores, 3, tokens, valid=valid)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fused capture
+# --------------------------------------------------------------------------------------------------------------------
+def _qk(b: int, h: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(seed)
+    return torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize(("b", "h", "n", "d"), [(1, 2, 1, 32), (3, 3, 50, 64), (2, 2, 77, 64), (1, 2, 197, 64)])
+@pytest.mark.parametrize("head_fusion", ["mean", None])
+def test_capture_matches_reference(device: str, b: int, h: int, n: int, d: int, head_fusion: str | None) -> None:
+    q, k = (t.to(device) for t in _qk(b, h, n, d, seed=n))
+    out = K.attention_probs(q, k, scale=d**-0.5, head_fusion=head_fusion)
+    ref = F.attention_probs(q, k, scale=d**-0.5, head_fusion=head_fusion)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
+def test_capture_causal_bias_and_rows(device: str, head_fusion: str) -> None:
+    b, h, n, d = 3, 2, 77, 64
+    q, k = (t.to(device) for t in _qk(b, h, n, d, seed=1))
+    scale = d**-0.5
+    # text tower: causal + key padding (-inf, and an HF-style finite minimum), per-sample EOS rows
+    lengths = torch.tensor([77, 20, 5])
+    pad = torch.arange(n)[None, :] >= lengths[:, None]
+    bias_inf = torch.zeros(b, 1, 1, n).masked_fill(pad[:, None, None, :], float("-inf")).to(device)
+    bias_min = torch.zeros(b, 1, n, n).masked_fill(pad[:, None, None, :], torch.finfo(torch.float32).min).to(device)
+    rows = (lengths - 1).view(b, 1).to(device)
+    cases = [
+        dict(causal=True),
+        dict(bias=bias_inf),
+        dict(bias=bias_min, causal=True),
+        dict(bias=bias_inf, causal=True, query_rows=rows),
+        dict(query_rows=torch.tensor([0, 76, 3], device=device)),
+    ]
+    for kw in cases:
+        out = K.attention_probs(q, k, scale=scale, head_fusion=head_fusion, **kw)
+        ref = F.attention_probs(q, k, scale=scale, head_fusion=head_fusion, **kw)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # a fully blocked row gives zeros, as in the reference
+    blocked = torch.zeros(b, 1, n, n, device=device)
+    blocked[:, :, 4, :] = float("-inf")
+    out = K.attention_probs(q, k, scale=scale, bias=blocked)
+    assert torch.equal(out[:, 4], torch.zeros_like(out[:, 4]))
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_capture_low_precision(device: str, dtype: torch.dtype) -> None:
+    q32, k32 = (t.to(device) for t in _qk(2, 3, 50, 80, seed=4))  # head dim 80: padded to 128 in the kernel
+    q, k = q32.to(dtype), k32.to(dtype)
+    scale = 80**-0.5
+    ref32 = F.attention_probs(q32, k32, scale=scale, causal=True)
+    ref_lowp = F.attention_probs(q, k, scale=scale, causal=True)
+    out = K.attention_probs(q, k, scale=scale, causal=True)
+    _assert_lowp_close(out, ref_lowp, ref32, atol=1e-5)
+    torch.testing.assert_close(out, ref_lowp, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the gate (no Triton needed)
+# --------------------------------------------------------------------------------------------------------------------
+def test_gate_switch_forces_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNSELECT_KERNELS", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.empty(0)
+    assert not K.kernels_enabled(x)
+    assert "ATTNSELECT_KERNELS=0 forces the PyTorch reference" in K.explain(x)
+    assert K.explain(x).startswith("PyTorch reference")
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the Triton path was taken")
+
+    import importlib
+
+    for mod, name in (
+        ("rollout", "rollout_forward"),
+        ("topk_gather", "topk_gather_forward"),
+        ("capture", "attention_probs_forward"),
+    ):
+        monkeypatch.setattr(importlib.import_module(f"attnselect.kernels.{mod}"), name, boom)
+    maps = _softmax_maps(2, 2, 9)
+    assert torch.equal(K.rollout(maps, query=0), F.rollout(maps, query=0))
+    scores, tokens = torch.randn(2, 9), torch.randn(2, 9, 4)
+    ref = _reference_topk_gather(scores, 4, tokens)
+    assert all(torch.equal(o, r) for o, r in zip(K.select_topk_gather(scores, 4, tokens), ref))
+    q, k = _qk(1, 2, 9, 16)
+    assert torch.equal(K.attention_probs(q, k, scale=0.25), F.attention_probs(q, k, scale=0.25))
+
+
+def test_gate_cpu_needs_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ATTNSELECT_KERNELS", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.empty(0)
+    assert not K.kernels_enabled(x)
+    assert "without TRITON_INTERPRET=1" in K.explain(x)
+    text = K.explain()
+    assert "cpu tensors: PyTorch reference" in text and "cuda tensors:" in text
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert K.kernels_enabled(x) == K.triton_available()
+    with pytest.raises(TypeError, match="tensor"):
+        K.kernels_enabled([1, 2])  # type: ignore[arg-type]
+
+
+def test_gate_reference_path_has_reference_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNSELECT_KERNELS", "0")
+    with pytest.raises(ValueError, match="k must be"):
+        K.select_topk_gather(torch.randn(2, 5), 6, torch.randn(2, 5, 3))
+    with pytest.raises(ValueError):
+        K.rollout([torch.rand(2, 3, 4)])  # not square
+
+
+def test_import_is_lean() -> None:
+    code = (
+        "import sys, torch, attnselect, attnselect.kernels as K; "
+        "K.explain(torch.empty(0)); "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised'"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+def test_entry_point_survives_kernel_module_import() -> None:
+    # importing kernels/rollout.py must not shadow the rollout entry point of the package
+    import attnselect.kernels.rollout  # noqa: F401
+
+    assert callable(K.rollout) and K.rollout.__module__ == "attnselect.kernels"
+    assert sys.modules["attnselect.kernels.rollout"].__name__ == "attnselect.kernels.rollout"
