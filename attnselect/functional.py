@@ -92,7 +92,7 @@ def _fused_fp32(attn: Tensor, mode: str) -> Tensor:
     if attn.dim() == 3:
         return attn.float()
     if mode == "mean":
-        return torch.mean(attn, dim=1, dtype=torch.float32)
+        return attn.mean(dim=1) if attn.dtype == torch.float32 else torch.mean(attn, dim=1, dtype=torch.float32)
     if mode == "max":
         return attn.amax(dim=1).float()
     return attn.amin(dim=1).float()
@@ -122,37 +122,43 @@ def fuse_heads(attn: Tensor, mode: str = "mean") -> Tensor:
     return _fused_fp32(attn, mode).to(attn.dtype)
 
 
-def _kth_smallest(flat: Tensor, count: int) -> Tensor:
-    """The ``count``-th smallest value (1-based) of each row of ``[B, M]`` as ``[B, 1]``."""
+def _threshold(flat: Tensor, count: int) -> tuple[Tensor, bool]:
+    """The ``count``-th smallest value (1-based) of each row of ``[B, M]`` as ``[B, 1]``, and whether some row has
+    another entry equal to it beyond the ``count`` smallest (a tie straddling the threshold)."""
     if flat.device.type == "cpu":  # numpy's introselect is several times faster than torch.kthvalue on CPU
-        values = np.partition(flat.detach().numpy(), count - 1, axis=1)[:, count - 1 : count]
-        return torch.from_numpy(np.ascontiguousarray(values))
-    return flat.kthvalue(count, dim=1, keepdim=True).values
+        part = np.partition(flat.detach().numpy(), count - 1, axis=1)
+        threshold = part[:, count - 1 : count]
+        straddles = bool((part[:, count:].min(axis=1, keepdims=True) == threshold).any())
+        return torch.from_numpy(np.ascontiguousarray(threshold)), straddles
+    threshold = flat.kthvalue(count, dim=1, keepdim=True).values
+    straddles = not bool((torch.count_nonzero(flat <= threshold, dim=1) == count).all())
+    return threshold, straddles
 
 
-def _discard_mask(attn: Tensor, ratio: float, protect: str) -> Tensor | None:
-    """Boolean ``[B,N,N]`` mask of the entries :func:`discard_lowest` zeroes, or None when it zeroes nothing."""
+def _discarded(attn: Tensor, ratio: float, protect: str) -> Tensor:
+    """``attn [B,N,N]`` (fp32) with the entries :func:`discard_lowest` zeroes set to zero, as a new tensor."""
     b, n, _ = attn.shape
     count = math.floor(ratio * n * n)
     if count == 0:
-        return None
-    flat = attn.reshape(b, n * n).float()  # exact for fp16/bf16, and kthvalue wants fp32 on every device
+        return attn.clone()
+    flat = attn.reshape(b, n * n)
     if count >= n * n:
-        drop = torch.ones_like(flat, dtype=torch.bool)
+        out = torch.zeros_like(attn)
     else:
-        # the count-th smallest value per sample; everything below it goes, and of the entries equal to it the ones
-        # with the lowest flat index go first, until exactly `count` entries are dropped
-        threshold = _kth_smallest(flat, count)
-        below = flat < threshold
-        equal = flat == threshold
-        still_needed = count - below.sum(dim=1, keepdim=True)
-        if bool((equal.sum(dim=1, keepdim=True) == still_needed).all()):  # no tie straddles the threshold
-            drop = below | equal
+        # everything up to the count-th smallest value goes; when entries equal to it straddle the cut, the lowest
+        # flat indices among them go first, so that exactly `count` entries are dropped
+        threshold, straddles = _threshold(flat, count)
+        if not straddles:
+            out = (flat * (flat > threshold)).view(b, n, n)  # one fused pass; maps are finite and non-negative
         else:
+            below = flat < threshold
+            equal = flat == threshold
+            still_needed = count - torch.count_nonzero(below, dim=1).unsqueeze(1)
             drop = below | (equal & (torch.cumsum(equal, dim=1) <= still_needed))
+            out = flat.masked_fill(drop, 0).view(b, n, n)
     if protect == "entry0":
-        drop[:, 0] = False
-    return drop.view(b, n, n)
+        out[:, 0, 0] = attn[:, 0, 0]
+    return out
 
 
 def discard_lowest(attn: Tensor, ratio: float, protect: str = "entry0") -> Tensor:
@@ -173,10 +179,8 @@ def discard_lowest(attn: Tensor, ratio: float, protect: str = "entry0") -> Tenso
     check_maps(attn, allow_heads=False)
     ratio = _check_ratio(ratio, "ratio")
     _check_choice(protect, PROTECT_MODES, "protect")
-    drop = _discard_mask(attn, ratio, protect)
-    if drop is None:
-        return attn.clone()
-    return attn.masked_fill(drop, 0)
+    _check_finite(attn, "attn")
+    return _discarded(attn.float(), ratio, protect).to(attn.dtype)
 
 
 def residual_normalize(attn: Tensor) -> Tensor:
@@ -261,9 +265,7 @@ def _prepared_layer(attn: Tensor, ratio: float, head_fusion: str, protect: str) 
     if not (bool(low >= 0) and bool(high < float("inf"))):
         _check_finite(a, "attentions")
         raise ValueError("attentions must be non-negative (softmax probabilities)")
-    drop = _discard_mask(a, ratio, protect)
-    if drop is not None:
-        a = a.masked_fill(drop, 0)
+    a = _discarded(a, ratio, protect)
     return a, a.sum(dim=-1) + 1
 
 
