@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -84,12 +85,12 @@ def test_ats_reference_values(n, expected):
 def test_ats_monotone_and_endpoints(schedule):
     ats = asel.AdaptiveTokenScheduler(schedule=schedule, total_steps=100)
     ks = [ats.num_tokens(192, step=t) for t in range(0, 130)]
-    assert all(a >= b for a, b in zip(ks, ks[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(ks))
     assert ks[-1] == 96
     if schedule != "fixed":
         assert ks[1] in (124, 123)
     ratios = [ats.ratio(t) for t in range(1, 101)]
-    assert all(a >= b for a, b in zip(ratios, ratios[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(ratios))
 
 
 def test_ats_counter_and_resume():
@@ -150,7 +151,9 @@ def gpo_loop_reference(pool: asel.GPOPool, tokens: torch.Tensor, mask: torch.Ten
         x = tokens[i][mask[i]]  # [L, D]
         length = x.shape[0]
         pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
-        div = torch.exp(torch.arange(0, pool.d_pe, 2, dtype=torch.float32) * (-torch.log(torch.tensor(1e4)) / pool.d_pe))
+        freq = torch.arange(0, pool.d_pe, 2, dtype=torch.float32)
+        div = torch.exp(freq * (-torch.log(torch.tensor(1e4)) / pool.d_pe))
+        div = torch.exp(freq * (-torch.log(torch.tensor(1e4)) / pool.d_pe))
         pe = torch.zeros(length, pool.d_pe)
         pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
         out, _ = pool.gru(pe.unsqueeze(0))

@@ -1,0 +1,228 @@
+"""HuggingFace transformers adapters: CLIP (vision, causal text, ``CLIPModel`` towers), ViT, SigLIP, DINOv2.
+
+Attention modules with ``q_proj``/``k_proj`` (transformers 5.x: ``CLIPAttention``, ``SiglipAttention``,
+``ViTAttention``, ``Dinov2Attention``, ``Dinov2WithRegistersAttention``) and the legacy ``query``/``key`` layout of
+transformers 4.x (``ViTSelfAttention`` and relatives). The hook sees ``hidden_states`` (keyword in CLIP/SigLIP
+layers, positional in ViT/DINOv2 layers), ``attention_mask`` and the ``is_causal`` keyword that ``CLIPTextModel``
+passes: a bool mask means True = attend (sdpa), a float mask is additive (eager), and ``None`` with
+``is_causal=True`` means plain causal attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._base import QK, AttentionAdapter, TowerSpec, arg, bool_mask_to_bias, class_in_mro, last_hidden_state, pair
+
+__all__ = ["HFAttentionAdapter", "HFLegacyAttentionAdapter", "is_hf_model", "resolve_hf"]
+
+_ROTARY_KWARGS = ("position_embeddings", "rotary_pos_emb", "rope", "freqs_cis")
+
+
+def _from_transformers(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
+
+def _mask_bias(mask: Any) -> Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"attention_mask of type {type(mask).__name__} (e.g. a flex_attention BlockMask) is not supported; "
+            "use attn_implementation='sdpa' or 'eager'"
+        )
+    if mask.dtype == torch.bool:
+        return bool_mask_to_bias(mask, true_means="attend")
+    return mask
+
+
+def _check_no_rotary(module: nn.Module, kwargs: dict) -> None:
+    for key in _ROTARY_KWARGS:
+        if kwargs.get(key) is not None:
+            raise TypeError(
+                f"{type(module).__name__} received `{key}`: it applies rotary position embeddings to q and k, "
+                "which the q_proj/k_proj adapter does not reproduce; this attention type is not supported"
+            )
+
+
+class HFAttentionAdapter(AttentionAdapter):
+    """transformers attention modules with ``q_proj``, ``k_proj`` and ``head_dim`` (the 5.x layout)."""
+
+    name = "transformers q_proj/k_proj attention"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (
+            _from_transformers(module)
+            and isinstance(getattr(module, "q_proj", None), nn.Module)
+            and isinstance(getattr(module, "k_proj", None), nn.Module)
+            and hasattr(module, "head_dim")
+        )
+
+    @classmethod
+    def check(cls, module: nn.Module) -> None:
+        if getattr(module, "scale", None) is None and getattr(module, "scaling", None) is None:
+            raise TypeError(f"{type(module).__name__} has neither `scale` nor `scaling`; cannot rebuild its logits")
+        heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None)
+        kv_heads = getattr(module, "num_key_value_heads", heads)
+        if heads is not None and kv_heads != heads:
+            raise TypeError(f"{type(module).__name__} uses grouped key/value heads, which is not supported")
+
+    @classmethod
+    def qk(cls, module: nn.Module, args: tuple, kwargs: dict) -> QK:
+        _check_no_rotary(module, kwargs)
+        hidden = arg(args, kwargs, "hidden_states", 0)
+        mask = arg(args, kwargs, "attention_mask", 1)
+        batch, n = hidden.shape[:2]
+        q = module.q_proj(hidden).view(batch, n, -1, module.head_dim).transpose(1, 2)
+        k = module.k_proj(hidden).view(batch, n, -1, module.head_dim).transpose(1, 2)
+        scale = getattr(module, "scale", None)
+        if scale is None:
+            scale = module.scaling
+        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+        return QK(q=q, k=k, scale=float(scale), bias=_mask_bias(mask), causal=causal)
+
+
+class HFLegacyAttentionAdapter(AttentionAdapter):
+    """transformers 4.x self-attention with ``query``/``key`` Linear layers (``ViTSelfAttention`` and relatives).
+
+    The logits are ``q k^T / sqrt(attention_head_size)`` plus the additive ``attention_mask`` when one is passed by
+    keyword; the 4.x ``head_mask`` (a post-softmax multiplier) is not applied, so maps are the pre-head-mask
+    probabilities.
+    """
+
+    name = "transformers query/key self-attention (4.x layout)"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (
+            _from_transformers(module)
+            and isinstance(getattr(module, "query", None), nn.Linear)
+            and isinstance(getattr(module, "key", None), nn.Linear)
+            and hasattr(module, "attention_head_size")
+            and hasattr(module, "num_attention_heads")
+        )
+
+    @classmethod
+    def qk(cls, module: nn.Module, args: tuple, kwargs: dict) -> QK:
+        _check_no_rotary(module, kwargs)
+        hidden = arg(args, kwargs, "hidden_states", 0)
+        batch, n = hidden.shape[:2]
+        heads, head_dim = module.num_attention_heads, module.attention_head_size
+        q = module.query(hidden).view(batch, n, heads, head_dim).transpose(1, 2)
+        k = module.key(hidden).view(batch, n, heads, head_dim).transpose(1, 2)
+        mask = kwargs.get("attention_mask")
+        scale = getattr(module, "scaling", None) or head_dim**-0.5
+        return QK(q=q, k=k, scale=float(scale), bias=_mask_bias(mask))
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel``."""
+    return class_in_mro(model, "transformers.", "PreTrainedModel")
+
+
+def _is_text(sub: nn.Module) -> bool:
+    modalities = getattr(sub, "input_modalities", None)
+    if modalities is not None and not isinstance(modalities, str):
+        modalities = tuple(modalities)
+        if modalities == ("text",):
+            return True
+        if "image" in modalities:
+            return False
+    return getattr(sub, "main_input_name", "") == "input_ids"
+
+
+def _has_cls(sub: nn.Module) -> bool:
+    emb = getattr(sub, "embeddings", None)
+    return emb is not None and (hasattr(emb, "cls_token") or hasattr(emb, "class_embedding"))
+
+
+def _text_eos(sub: nn.Module):
+    name = type(sub).__name__
+    if name.startswith("Siglip"):
+        return lambda ids: torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+    eos_id = getattr(sub, "eos_token_id", None)
+    if eos_id is None:
+        eos_id = getattr(getattr(sub, "config", None), "eos_token_id", None)
+    if eos_id is None or eos_id == 2:
+        # transformers keeps the historic `argmax` pooling for configs with eos_token_id == 2
+        return lambda ids: ids.argmax(dim=-1)
+    return lambda ids: (ids == eos_id).int().argmax(dim=-1)
+
+
+def resolve_hf(model: nn.Module, tower: str | None) -> TowerSpec | None:
+    """Tower description for a transformers model, or None when ``model`` is not one."""
+    if not is_hf_model(model):
+        return None
+    dual = hasattr(model, "vision_model") and hasattr(model, "text_model")
+    proj = None
+    if dual:
+        tower = tower or "vision"
+        if tower not in ("vision", "text"):
+            raise ValueError(f"tower must be 'vision' or 'text', got {tower!r}")
+        sub = model.vision_model if tower == "vision" else model.text_model
+        proj = getattr(model, "visual_projection" if tower == "vision" else "text_projection", None)
+    elif hasattr(model, "vision_model") and hasattr(model, "visual_projection"):
+        sub, proj = model.vision_model, model.visual_projection  # CLIPVisionModelWithProjection
+    elif hasattr(model, "text_model") and hasattr(model, "text_projection"):
+        sub, proj = model.text_model, model.text_projection  # CLIPTextModelWithProjection
+    else:
+        base = getattr(model, "base_model", model)  # e.g. ViTForImageClassification -> its ViTModel
+        sub = base if isinstance(base, nn.Module) else model
+    is_text = _is_text(sub) or type(sub).__name__.endswith("TextTransformer")
+    actual = "text" if is_text else "vision"
+    if tower is not None and tower != actual:
+        raise ValueError(f"tower={tower!r} was asked for, but {type(model).__name__} holds only a {actual} tower")
+    cfg = getattr(sub, "config", None)
+    post_ln = None
+    if type(sub).__name__.startswith("CLIPVision"):
+        # transformers 4.x wraps a CLIPVisionTransformer as `vision_model`
+        post_ln = getattr(sub, "post_layernorm", None) or getattr(
+            getattr(sub, "vision_model", None), "post_layernorm", None
+        )
+
+    def read_tokens(capture: Any, output: Any) -> Tensor:
+        hs = last_hidden_state(output)
+        if post_ln is not None:  # CLIP applies post_layernorm to the pooled token only; ITSELF uses all tokens
+            hs = post_ln(hs)
+        return proj(hs) if proj is not None else hs
+
+    if is_text:
+
+        def read_inputs(args: tuple, kwargs: dict) -> dict:
+            return {"ids": arg(args, kwargs, "input_ids", 0), "attention_mask": arg(args, kwargs, "attention_mask", 1)}
+
+        is_clip = type(sub).__name__.startswith("CLIP")
+        return TowerSpec(
+            family="hf",
+            tower="text",
+            layers_root=sub,
+            start=sub,
+            end=sub,
+            read_inputs=read_inputs,
+            read_tokens=read_tokens,
+            eos_index=_text_eos(sub),
+            sos_index=0 if is_clip else None,
+        )
+
+    def read_image(args: tuple, kwargs: dict) -> dict:
+        return {"pixels": arg(args, kwargs, "pixel_values", 0)}
+
+    has_cls = _has_cls(sub)
+    registers = int(getattr(cfg, "num_register_tokens", 0) or 0)
+    patch = getattr(cfg, "patch_size", None)
+    return TowerSpec(
+        family="hf",
+        tower="vision",
+        layers_root=sub,
+        start=sub,
+        end=sub,
+        read_inputs=read_image,
+        read_tokens=read_tokens,
+        num_prefix_tokens=(1 if has_cls else 0) + registers,
+        cls_index=0 if has_cls else None,
+        patch_size=pair(patch) if patch is not None else None,
+    )
