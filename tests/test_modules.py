@@ -153,7 +153,6 @@ def gpo_loop_reference(pool: asel.GPOPool, tokens: torch.Tensor, mask: torch.Ten
         pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
         freq = torch.arange(0, pool.d_pe, 2, dtype=torch.float32)
         div = torch.exp(freq * (-torch.log(torch.tensor(1e4)) / pool.d_pe))
-        div = torch.exp(freq * (-torch.log(torch.tensor(1e4)) / pool.d_pe))
         pe = torch.zeros(length, pool.d_pe)
         pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
         out, _ = pool.gru(pe.unsqueeze(0))
