@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py --out outputs/quickstart
+	$(PY) examples/train_itself.py --demo --out outputs/demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check attnselect tests benchmarks examples
