@@ -41,12 +41,42 @@ class BankOutput:
     k: int
 
 
+def _distributed_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class MaskedBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm over the channels of ``[B,K,C]`` token sets whose statistics use the valid tokens only.
 
     Parameters and buffers have the names of :class:`torch.nn.BatchNorm1d`, so weights load either way. Padded tokens
     are normalised with the batch statistics of the valid ones but never enter them.
+
+    Under ``torch.distributed`` (``sync=None``, the default, or ``sync=True``) the training statistics are
+    all-reduced over the ranks, with gradients, so that DistributedDataParallel on a split batch computes what one
+    process computes on the whole batch (what :class:`torch.nn.SyncBatchNorm` does for unmasked inputs).
     """
+
+    def __init__(self, *args: Any, sync: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sync = sync
+
+    def _batch_stats(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        m = mask.unsqueeze(-1).to(torch.float32)
+        xf = x.float()
+        if self.sync is not False and _distributed_world() > 1:
+            from torch.distributed.nn.functional import all_reduce
+
+            local = torch.cat([(xf * m).sum(dim=(0, 1)), (xf * xf * m).sum(dim=(0, 1)), m.sum().reshape(1)])
+            total = all_reduce(local)
+            count = total[-1].clamp(min=1.0)
+            mean = total[: self.num_features] / count
+            var = (total[self.num_features : 2 * self.num_features] / count - mean * mean).clamp(min=0.0)
+            return mean, var, count
+        count = m.sum().clamp(min=1.0)
+        mean = (xf * m).sum(dim=(0, 1)) / count
+        var = (((xf - mean) ** 2) * m).sum(dim=(0, 1)) / count
+        return mean, var, count
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         if x.dim() != 3:
@@ -55,11 +85,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         use_batch = self.training or self.running_mean is None
         if use_batch:
-            m = mask.unsqueeze(-1).to(torch.float32)
-            count = m.sum().clamp(min=1.0)
-            xf = x.float()
-            mean = (xf * m).sum(dim=(0, 1)) / count
-            var = (((xf - mean) ** 2) * m).sum(dim=(0, 1)) / count
+            mean, var, count = self._batch_stats(x, mask)
             if self.training and self.track_running_stats and self.running_mean is not None:
                 with torch.no_grad():
                     self.num_batches_tracked += 1
