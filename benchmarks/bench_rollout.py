@@ -12,7 +12,8 @@ Providers, all on the same per-head maps ``[B,H,N,N]`` of two layers, discard ra
 Shapes: CPU ``B=64, H=12, N=193``; CUDA ITSELF image ``B=256, H=12, N=193``, ITSELF text ``B=256, H=8, N=77``,
 ViT-L/14-336 ``B=64, H=16, N=577``. ``--quick`` runs the first shape only, with fewer repetitions.
 
-Usage: ``python benchmarks/bench_rollout.py [--quick] [--device cpu|cuda]``
+Usage: ``python benchmarks/bench_rollout.py [--quick] [--device cpu|cuda] [--skip-compiled]`` (``--skip-compiled``
+leaves out the ``torch.compile`` provider, whose compilation takes most of a GPU run).
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
         ("reference_full", lambda: F.rollout(maps, discard_ratio=0.25), full_bytes),
         ("reference_query", lambda: F.rollout(maps, discard_ratio=0.25, query=0), query_bytes),
     ]
-    try:
-        compiled = torch.compile(lambda m: F.rollout(m, discard_ratio=0.25, query=0))
-        compiled(maps)
-        providers.append(("reference_query_compiled", lambda: compiled(maps), query_bytes))
-    except Exception as err:  # report and go on: the other providers still mean something
-        print(f"torch.compile of the reference failed, skipped: {err!r}"[:300], file=sys.stderr)
+    if not args.skip_compiled:
+        try:
+            compiled = torch.compile(lambda m: F.rollout(m, discard_ratio=0.25, query=0))
+            compiled(maps)
+            providers.append(("reference_query_compiled", lambda: compiled(maps), query_bytes))
+        except Exception as err:  # report and go on: the other providers still mean something
+            print(f"torch.compile of the reference failed, skipped: {err!r}"[:300], file=sys.stderr)
     if triton_ok:
         providers += [
             ("triton_full", lambda: K.rollout(maps, discard_ratio=0.25), full_bytes),
@@ -111,7 +113,10 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
+    skip = "--skip-compiled" in (argv if argv is not None else sys.argv[1:])
+    argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--skip-compiled"]
     args = parse_args(__doc__.splitlines()[0], argv)
+    args.skip_compiled = skip
     device = args.device
     if device == "cuda":
         shapes = [

@@ -108,6 +108,8 @@ def versions() -> str:
 
 @functools.cache
 def commit() -> str:
+    if os.environ.get("ATTNSELECT_BENCH_COMMIT"):  # a copy of the tree without .git (a remote benchmark machine)
+        return os.environ["ATTNSELECT_BENCH_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -124,12 +124,33 @@ def test_rollout_stacked_and_bad_input(device: str) -> None:
     torch.testing.assert_close(K.rollout(maps, query=3), F.rollout(maps, query=3), rtol=1e-5, atol=1e-6)
     bad = maps.clone()
     bad[0, 1, 0, 2, 2] = -1.0
+    # CPU raises in the call; CUDA reports device-side findings at the next op call or at check_errors()
     with pytest.raises(ValueError, match="non-negative"):
         K.rollout(bad)
+        K.check_errors()
     with pytest.raises(ValueError, match="query"):
         K.rollout(maps, query=torch.tensor([0, 9], device=device))
+        K.check_errors()
     with pytest.raises(ValueError, match="discard_ratio"):
         K.rollout(maps, discard_ratio=[0.1])
+    K.check_errors()  # nothing left over
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize(("sigmas", "chunk"), [(-10.0, 4096), (50.0, 256), (5.0, 64)])
+def test_rollout_select_fallbacks(device: str, monkeypatch: pytest.MonkeyPatch, sigmas: float, chunk: int) -> None:
+    # a pivot bracket that misses the target, a candidate list that overflows, candidates spread over several chunks
+    import importlib
+
+    mod = importlib.import_module("attnselect.kernels.rollout")
+    monkeypatch.setattr(mod, "BRACKET_SIGMAS", sigmas)
+    monkeypatch.setattr(mod, "SELECT_CHUNK", chunk)
+    maps = [m.to(device) for m in _softmax_maps(2, 3, 50, seed=7)]  # N*N = 2500 > 2048 samples: the pivot path
+    maps[1][:, :, 10:20] = maps[1][:, :, 30:40]  # ties across rows
+    for q in (None, torch.tensor([3, 49], device=device)):
+        ref = F.rollout(maps, discard_ratio=[0.3, 0.6], query=q)
+        out = K.rollout(maps, discard_ratio=[0.3, 0.6], query=q)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.kernels
@@ -187,6 +208,12 @@ def test_topk_gather_matches_reference(device: str, b: int, n: int, d: int, k: i
     for o, r in zip(out, ref):
         assert o.dtype == r.dtype and o.shape == r.shape
         assert torch.equal(o, r)
+    # the backward writes every token row once: selected rows, tail sums, zeros
+    grad_out = torch.randn(b, k, d, generator=g).to(device)
+    t1, t2 = tokens.clone().requires_grad_(), tokens.clone().requires_grad_()
+    K.select_topk_gather(scores, k, t1, valid=valid)[2].backward(grad_out)
+    _reference_topk_gather(scores, k, t2, valid)[2].backward(grad_out)
+    torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-5, atol=1e-5)  # tail sums: any order
 
 
 @pytest.mark.kernels
@@ -235,10 +262,16 @@ def test_topk_gather_bad_input(device: str) -> None:
     nan_scores[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         K.select_topk_gather(nan_scores, 3, tokens)
+        K.check_errors()
     valid = torch.ones(2, 9, dtype=torch.bool, device=device)
     valid[0] = False
     with pytest.raises(ValueError, match="valid"):
         K.select_topk_gather(scores, 3, tokens, valid=valid)
+        K.check_errors()
+    with pytest.raises(ValueError, match="valid"):  # the autograd path checks as well
+        K.select_topk_gather(scores, 3, tokens.requires_grad_(), valid=valid)
+        K.check_errors()
+    K.check_errors()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -258,6 +291,24 @@ def test_capture_matches_reference(device: str, b: int, h: int, n: int, d: int, 
     ref = F.attention_probs(q, k, scale=d**-0.5, head_fusion=head_fusion)
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("head_fusion", ["mean", None])
+def test_capture_two_phase_kernel(device: str, monkeypatch: pytest.MonkeyPatch, head_fusion: str | None) -> None:
+    # key ranges too wide for one tile take the two-phase kernel: force it at a small size
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("attnselect.kernels.capture"), "ONEPASS_MAX_TILE", 0)
+    q, k = (t.to(device) for t in _qk(2, 3, 70, 32, seed=9))
+    rows = torch.tensor([[0, 69], [5, 6]], device=device)
+    for kw in ({}, dict(causal=True, query_rows=rows)):
+        out = K.attention_probs(q, k, scale=0.2, head_fusion=head_fusion, **kw)
+        ref = F.attention_probs(q, k, scale=0.2, head_fusion=head_fusion, **kw)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="query_rows"):
+        K.attention_probs(q, k, scale=0.2, query_rows=torch.tensor([0, 70], device=device))
+        K.check_errors()
 
 
 @pytest.mark.kernels
@@ -288,6 +339,9 @@ def test_capture_causal_bias_and_rows(device: str, head_fusion: str) -> None:
     blocked[:, :, 4, :] = float("-inf")
     out = K.attention_probs(q, k, scale=scale, bias=blocked)
     assert torch.equal(out[:, 4], torch.zeros_like(out[:, 4]))
+    with pytest.raises(ValueError, match="query_rows"):
+        K.attention_probs(q, k, scale=scale, query_rows=torch.tensor([-1], device=device))
+        K.check_errors()
 
 
 @pytest.mark.kernels

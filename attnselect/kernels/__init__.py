@@ -11,7 +11,14 @@ The gate decides per call, from the tensor it is given:
 The entry points :func:`rollout`, :func:`select_topk_gather` and :func:`attention_probs` have the signatures and
 results of their :mod:`attnselect.functional` twins. The Triton launchers are registered as PyTorch custom ops
 (``torch.ops.attnselect.rollout``, ``.topk_gather``, ``.attention_probs``) with fake (meta) implementations, and the
-gather with an autograd formula, so ``torch.compile(fullgraph=True)`` traces modules that call them.
+gather with an autograd formula, so ``torch.compile(fullgraph=True)`` traces modules that call them; eager calls skip
+the custom-op dispatch and call the launchers directly.
+
+Input errors that depend on the data (NaN scores, samples without a valid token, negative or non-finite maps, query
+rows out of range) are found by the kernels. On CPU they raise in the call. On CUDA nothing waits for them: each call
+copies an error summary asynchronously into pinned host memory, a later op call raises the first error already
+written, and :func:`check_errors` waits for the device and raises what is left. Traced graphs and CUDA graph capture
+skip these checks.
 
 Importing this package never imports Triton and never touches CUDA: the kernel modules are imported by the custom
 ops' implementations on first call.
@@ -25,14 +32,22 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import functional as F
 
-__all__ = ["attention_probs", "explain", "kernels_enabled", "rollout", "select_topk_gather", "triton_available"]
+__all__ = [
+    "attention_probs",
+    "check_errors",
+    "explain",
+    "kernels_enabled",
+    "rollout",
+    "select_topk_gather",
+    "triton_available",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,16 +167,109 @@ class _Package(types.ModuleType):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# custom ops: the Triton launchers as PyTorch operators (opaque to torch.compile, with fake implementations)
+# errors found on the device, reported without a synchronisation
+# --------------------------------------------------------------------------------------------------------------------
+_RING = 1024  # pinned int32 slots per device, each the error summary of one op call
+_rings: dict[int, tuple[Tensor, object]] = {}
+_next_slot: dict[int, int] = {}
+_pending: list[tuple[object, int, int, Tensor, Callable[[int, Tensor], str | None]]] = []
+
+
+def _report(summary: Tensor, detail: Tensor, describe: Callable[[int, Tensor], str | None]) -> None:
+    """Raise ``describe(summary, detail)`` now (CPU), or queue it until the device has written it (CUDA).
+
+    ``summary`` is an int32 ``[1]`` tensor, 0 when the input was fine. On CUDA it is copied into a slot of a pinned
+    host ring (preset to -1, so a slot still at -1 is not written yet); nothing waits for it here.
+    """
+    if summary.device.type != "cuda":
+        msg = describe(int(summary[0]), detail)
+        if msg:
+            raise ValueError(msg)
+        return
+    if torch.cuda.is_current_stream_capturing():  # a CUDA graph replays no host-side check
+        return
+    dev = summary.device.index if summary.device.index is not None else torch.cuda.current_device()
+    if dev not in _rings:
+        ring = torch.full((_RING,), -1, dtype=torch.int32, pin_memory=True)
+        _rings[dev] = (ring, ring.numpy())
+    if len(_pending) >= _RING // 2:  # far behind: wait rather than reuse slots still in flight
+        _raise_ready(wait=True)
+    ring, view = _rings[dev]
+    slot = _next_slot.get(dev, 0)
+    _next_slot[dev] = (slot + 1) % _RING
+    view[slot] = -1  # type: ignore[index]
+    ring[slot : slot + 1].copy_(summary, non_blocking=True)
+    _pending.append((view, slot, dev, detail, describe))
+
+
+def _raise_ready(wait: bool) -> None:
+    """Check the queued summaries: those already written (all of them with ``wait``), oldest first."""
+    if not _pending:
+        return
+    if wait:
+        for dev in {p[2] for p in _pending}:
+            torch.cuda.synchronize(dev)
+    keep = []
+    error = None
+    for view, slot, dev, detail, describe in _pending:
+        value = int(view[slot])  # type: ignore[index]
+        if value < 0:
+            keep.append((view, slot, dev, detail, describe))
+        elif value and error is None:
+            error = describe(value, detail)
+    _pending[:] = keep
+    if error:
+        raise ValueError(error)
+
+
+def check_errors() -> None:
+    """Wait for the CUDA ops issued so far and raise the first input error they found.
+
+    On CPU every op raises its ``ValueError`` in the call. On CUDA the data-dependent checks (NaN scores, samples
+    without a valid token, negative or non-finite attention maps, query rows out of range) run inside the kernels and
+    are read back without stopping the host: an error surfaces in the first op call made after the device has
+    written it, or here. Calling this after a step makes the errors of that step certain to surface.
+
+    Raises:
+        ValueError: an earlier op call on CUDA received bad input.
+    """
+    while _pending:
+        _raise_ready(wait=True)
+
+
+def _rollout_message(code: int, detail: Tensor) -> str | None:
+    if code & 1:
+        return "attention maps must be finite and non-negative (softmax probabilities)"
+    if code & 2:
+        return "query rows must lie in [0, N): got a row outside the map"
+    return None
+
+
+def _topk_message(code: int, errors: Tensor) -> str | None:
+    if not code:
+        return None
+    errors = errors.cpu()
+    nan_rows = (errors & 1).nonzero().flatten().tolist()
+    if nan_rows:
+        return f"scores contains NaN (sample(s) {nan_rows[:8]})"
+    rows = (errors & 2).nonzero().flatten().tolist()
+    return f"valid has no True entry in sample(s) {rows[:8]}: every sample needs at least one valid token"
+
+
+def _capture_message(code: int, detail: Tensor) -> str | None:
+    return "query_rows must lie in [0, Nq): got a row outside the queries" if code else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# custom ops: the Triton launchers as PyTorch operators (opaque to torch.compile, with fake implementations). Eager
+# calls skip the custom-op dispatch and call the launchers directly; a traced graph holds these ops, and the
+# data-dependent checks are skipped there (a compiled graph or a CUDA graph cannot raise from device data).
 # --------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("attnselect::rollout", mutates_args=())
 def _rollout_op(maps: list[Tensor], ratios: list[float], head_fusion: str, protect: str, rows: Tensor | None) -> Tensor:
     from .rollout import rollout_forward
 
-    n = maps[0].shape[-1]
-    if rows is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
-        raise ValueError(f"query rows must lie in [0, {n}), got min {int(rows.min())} max {int(rows.max())}")
-    return rollout_forward(maps, ratios, head_fusion, protect, rows)
+    return rollout_forward(maps, ratios, head_fusion, protect, rows)[0]
 
 
 @_rollout_op.register_fake
@@ -175,12 +283,7 @@ def _(maps: list[Tensor], ratios: list[float], head_fusion: str, protect: str, r
 def _topk_gather_op(scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     from .topk_gather import topk_gather_forward
 
-    if bool(torch.isnan(scores).any()):
-        raise ValueError("scores contains NaN")
-    if valid is not None and not bool(valid.any(dim=1).all()):
-        rows = (~valid.any(dim=1)).nonzero().flatten().tolist()[:8]
-        raise ValueError(f"valid has no True entry in sample(s) {rows}: every sample needs at least one valid token")
-    return topk_gather_forward(scores, k, tokens, valid)
+    return topk_gather_forward(scores, k, tokens, valid)[:3]
 
 
 @_topk_gather_op.register_fake
@@ -193,23 +296,55 @@ def _(scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None) -> tuple[Ten
     )
 
 
+@torch.library.custom_op("attnselect::gather_backward", mutates_args=())
+def _gather_backward_op(grad_out: Tensor, indices: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
+    from .topk_gather import gather_backward
+
+    return gather_backward(grad_out, indices, mask, num_tokens)
+
+
+@_gather_backward_op.register_fake
+def _(grad_out: Tensor, indices: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
+    return grad_out.new_empty((grad_out.shape[0], num_tokens, grad_out.shape[-1]))
+
+
 def _topk_gather_setup(ctx, inputs, output) -> None:
     _, _, tokens, _ = inputs
-    ctx.save_for_backward(output[0])
+    ctx.save_for_backward(output[0], output[1])
     ctx.num_tokens = tokens.shape[1]
 
 
 def _topk_gather_backward(ctx, grad_indices, grad_mask, grad_out):
-    (indices,) = ctx.saved_tensors
+    indices, mask = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None
-    b, _, dim = grad_out.shape
-    grad = grad_out.new_zeros((b, ctx.num_tokens, dim))
-    grad = grad.scatter_add(1, indices.unsqueeze(-1).expand(-1, -1, dim), grad_out)
-    return None, None, grad, None
+    return None, None, torch.ops.attnselect.gather_backward(grad_out, indices, mask, ctx.num_tokens), None
 
 
 _topk_gather_op.register_autograd(_topk_gather_backward, setup_context=_topk_gather_setup)
+
+
+class _TopkGatherFn(torch.autograd.Function):
+    """Eager autograd wrapper of the launchers (no custom-op dispatch on the hot path)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None):  # type: ignore[override]
+        from .topk_gather import topk_gather_forward
+
+        indices, mask, out, errors = topk_gather_forward(scores, k, tokens, valid)
+        ctx.save_for_backward(indices, mask)
+        ctx.num_tokens = tokens.shape[1]
+        ctx.mark_non_differentiable(indices, mask, errors)
+        return indices, mask, out, errors
+
+    @staticmethod
+    def backward(ctx, grad_indices, grad_mask, grad_out, grad_errors):  # type: ignore[override]
+        from .topk_gather import gather_backward
+
+        indices, mask = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None
+        return None, None, gather_backward(grad_out, indices, mask, ctx.num_tokens), None
 
 
 @torch.library.custom_op("attnselect::attention_probs", mutates_args=())
@@ -226,7 +361,7 @@ def _attention_probs_op(
 
     return attention_probs_forward(
         q, k, scale, bias, causal, None if head_fusion == "none" else head_fusion, query_rows
-    )
+    )[0]
 
 
 @_attention_probs_op.register_fake
@@ -243,6 +378,10 @@ def _(
     r = nq if query_rows is None else query_rows.shape[-1]
     shape = (b, h, r, k.shape[2]) if head_fusion == "none" else (b, r, k.shape[2])
     return q.new_empty(shape, dtype=torch.float32)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -284,7 +423,14 @@ def rollout(
             if rows.shape != (batch,):
                 raise ValueError(f"query must have shape [B] = [{batch}], got {tuple(rows.shape)}")
             rows = rows.to(device=maps[0].device, dtype=torch.long)
-    return torch.ops.attnselect.rollout(list(maps), ratios, head_fusion, protect, rows)
+    if _tracing():
+        return torch.ops.attnselect.rollout(list(maps), ratios, head_fusion, protect, rows)
+    from .rollout import rollout_forward
+
+    _raise_ready(wait=False)
+    result, flags = rollout_forward(maps, ratios, head_fusion, protect, rows)
+    _report(flags, flags, _rollout_message)
+    return result
 
 
 def select_topk_gather(
@@ -332,7 +478,18 @@ def select_topk_gather(
             raise ValueError(f"valid must have shape {tuple(scores.shape)} like scores, got {tuple(valid.shape)}")
         if valid.device != scores.device:
             raise ValueError(f"valid is on {valid.device} but scores are on {scores.device}")
-    return torch.ops.attnselect.topk_gather(scores, k, tokens, valid)
+    if _tracing():
+        return torch.ops.attnselect.topk_gather(scores, k, tokens, valid)
+    _raise_ready(wait=False)
+    if torch.is_grad_enabled() and tokens.requires_grad:
+        indices, mask, out, errors = _TopkGatherFn.apply(scores, k, tokens, valid)
+    else:
+        from .topk_gather import topk_gather_forward
+
+        indices, mask, out, errors = topk_gather_forward(scores, k, tokens, valid)
+    b = scores.shape[0]
+    _report(errors[b:], errors[:b], _topk_message)
+    return indices, mask, out
 
 
 def attention_probs(
@@ -372,9 +529,16 @@ def attention_probs(
         F._check_choice(head_fusion, F.FUSION_MODES, "head_fusion")
     if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and d")
-    return torch.ops.attnselect.attention_probs(
-        q, k, float(scale), bias, bool(causal), "none" if head_fusion is None else head_fusion, query_rows
-    )
+    fusion = "none" if head_fusion is None else head_fusion
+    if _tracing():
+        return torch.ops.attnselect.attention_probs(q, k, float(scale), bias, bool(causal), fusion, query_rows)
+    from .capture import attention_probs_forward
+
+    _raise_ready(wait=False)
+    out, flags = attention_probs_forward(q, k, float(scale), bias, bool(causal), head_fusion, query_rows)
+    if flags is not None:
+        _report(flags, flags, _capture_message)
+    return out
 
 
 sys.modules[__name__].__class__ = _Package

@@ -1,22 +1,23 @@
 """Fused attention-probability capture in Triton: ``softmax(q k^T * scale + bias)`` fused over heads.
 
-Grid ``(B, cdiv(R, BLOCK_M))`` where R is the number of query rows kept (N, or the chosen ``query_rows``). Each
-program handles ``BLOCK_M`` query rows of one sample in two phases, flash-attention style, so the per-head
-``[B,H,N,N]`` probabilities never exist in memory:
+Two kernels, neither of which ever materialises the per-head ``[B,H,N,N]`` probabilities:
 
-1. for every head, an online-softmax sweep over key blocks gives the row max ``m_h`` and normaliser ``l_h``
-   (a ``[B,H,R]`` fp32 scratch, 2 floats per row and head);
-2. for every key block, the logits of every head are recomputed and ``exp(s - m_h) / l_h`` is folded into one
-   ``[BLOCK_M, BLOCK_N]`` accumulator (sum for ``mean``, max, min), written once to the ``[B,R,N]`` fp32 output.
-   With ``head_fusion=None`` the per-head probabilities are written instead (``[B,H,R,N]``).
+- ``_capture_onepass_kernel`` (key range up to 512, next power of two, times the head dim padded up to 64 in
+  fp16/bf16; 256 x 64 in fp32): grid ``(B, cdiv(R, BLOCK_M))``, R the number of query rows kept (N, or the chosen
+  ``query_rows``). Each program holds the whole key range of ``BLOCK_M`` query rows: per head, one ``QK^T`` tile,
+  its exact row max and sum, and ``exp(s - m) / l`` folded into one register accumulator (sum for ``mean``, max,
+  min), written once to the fp32 output (or per head with ``head_fusion=None``). Each head's logits are computed once.
+- ``_capture_kernel`` (wider key ranges, such as N = 577 or 1025): two phases per program, flash-attention style:
+  an online-softmax sweep over key blocks gives every head's row max and normaliser (a ``[B,H,R,2]`` fp32
+  scratch), then every key block's logits are recomputed and folded. Two ``QK^T`` per layer.
 
 Logits are fp32: fp16/bf16 ``q``, ``k`` use tensor-core dots with fp32 accumulation (their products are exact in
 fp32), fp32 inputs use IEEE fp32 dots (no TF32). Under the Triton interpreter bf16 tiles are upcast to fp32 first
 (the interpreter's bf16 dot is wrong). The additive bias may be any broadcastable view (strides of 0 are read as
 such, nothing is expanded in memory); ``-inf`` blocks an entry and a fully blocked row gives zeros, as in
-:func:`attnselect.functional.attention_probs`.
+:func:`attnselect.functional.attention_probs`. Query rows outside ``[0, Nq)`` are clamped (memory stays in bounds)
+and flagged in a device int32 the caller checks, so nothing here synchronises.
 
-Cost: two ``QK^T`` per layer (compute is cheap next to the ``[B,R,N]`` write); reads of Q, K are L2-friendly.
 Limits: head dim up to 256, fp32/fp16/bf16 inputs (fp64 goes to the reference).
 """
 
@@ -98,6 +99,93 @@ if triton is not None:
         return tl.where(ok, s, float("-inf"))
 
     @triton.jit
+    def _rows_of(ROWS, FLAG, b, r, rm, srb, NQ, HAS_ROWS: tl.constexpr):
+        if HAS_ROWS:
+            qpos = tl.load(ROWS + b * srb + r, mask=rm, other=0).to(tl.int32)
+            bad = tl.max((rm & ((qpos < 0) | (qpos >= NQ))).to(tl.int32), axis=0)
+            if bad > 0:
+                tl.atomic_or(FLAG, 1)
+            qpos = tl.minimum(tl.maximum(qpos, 0), NQ - 1)  # stay in bounds; the flag reports the bad row
+        else:
+            qpos = r
+        return qpos
+
+    @triton.jit
+    def _capture_onepass_kernel(
+        Q,
+        K,
+        BIAS,
+        ROWS,
+        OUT,
+        FLAG,
+        H,
+        R,
+        NQ,
+        NK,
+        HD,
+        scale,
+        sqb,
+        sqh,
+        sqn,
+        skb,
+        skh,
+        skn,
+        sbb,
+        sbh,
+        sbn,
+        sbk,
+        srb,
+        sob,
+        soh,
+        sor,
+        HAS_BIAS: tl.constexpr,
+        HAS_ROWS: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        FUSION: tl.constexpr,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # the whole key range in one tile: each head's logits are computed once, normalised exactly and folded
+        b = tl.program_id(0).to(tl.int64)
+        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = r < R
+        qpos = _rows_of(ROWS, FLAG, b, r, rm, srb, NQ, HAS_ROWS)
+        d = tl.arange(0, BLOCK_D)
+        cols = tl.arange(0, BLOCK_N)
+        om = rm[:, None] & (cols < NK)[None, :]
+        if FUSION == 0:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        elif FUSION == 1:
+            acc = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
+        else:
+            acc = tl.full([BLOCK_M, BLOCK_N], float("inf"), dtype=tl.float32)
+        for h in range(H):
+            s = _logits(
+                Q, K, BIAS, b, h, qpos, rm, cols, d, NK, HD, scale,
+                sqb, sqh, sqn, skb, skh, skn, sbb, sbh, sbn, sbk, HAS_BIAS, CAUSAL, IEEE,
+            )  # fmt: skip
+            m_i = tl.max(s, axis=1)
+            m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.exp(s - m_i[:, None])
+            l_i = tl.sum(p, axis=1)
+            inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+            p = p * inv[:, None]
+            if FUSION == 3:
+                tl.store(OUT + b * sob + h * soh + r[:, None].to(tl.int64) * sor + cols[None, :], p, mask=om)
+            elif FUSION == 0:
+                acc += p
+            elif FUSION == 1:
+                acc = tl.maximum(acc, p)
+            else:
+                acc = tl.minimum(acc, p)
+        if FUSION != 3:
+            if FUSION == 0:
+                acc = acc / H
+            tl.store(OUT + b * sob + r[:, None].to(tl.int64) * sor + cols[None, :], acc, mask=om)
+
+    @triton.jit
     def _capture_kernel(
         Q,
         K,
@@ -105,8 +193,10 @@ if triton is not None:
         ROWS,
         OUT,
         STATS,
+        FLAG,
         H,
         R,
+        NQ,
         NK,
         HD,
         scale,
@@ -136,10 +226,7 @@ if triton is not None:
         b = tl.program_id(0).to(tl.int64)
         r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rm = r < R
-        if HAS_ROWS:
-            qpos = tl.load(ROWS + b * srb + r, mask=rm, other=0).to(tl.int32)
-        else:
-            qpos = r
+        qpos = _rows_of(ROWS, FLAG, b, r, rm, srb, NQ, HAS_ROWS)
         d = tl.arange(0, BLOCK_D)
         cols0 = tl.arange(0, BLOCK_N)
         stats_m = STATS + (b * H * R) * 2
@@ -194,6 +281,17 @@ if triton is not None:
                 tl.store(OUT + b * sob + r[:, None].to(tl.int64) * sor + cols[None, :], acc, mask=om)
 
 
+# one-pass kernel: the largest keys x head-dim tile (next powers of two) it takes; above, the two-phase kernel runs
+ONEPASS_MAX_TILE = 512 * 64
+# (query rows per program, warps) by the key tile's width
+ONEPASS_CONFIG = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32, 8), 512: (16, 8)}
+
+
+def _onepass_config(keys_pow2: int, rows: int) -> tuple[int, int]:
+    block_m, warps = ONEPASS_CONFIG[keys_pow2]
+    return (16 if rows <= 16 else block_m), warps
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -211,7 +309,7 @@ def attention_probs_forward(
     causal: bool = False,
     head_fusion: str | None = "mean",
     query_rows: Tensor | None = None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
     """Launch the fused capture.
 
     Args:
@@ -224,7 +322,9 @@ def attention_probs_forward(
         query_rows: optional LongTensor ``[R]`` or ``[B,R]`` of query rows to keep.
 
     Returns:
-        fp32 ``[B,R,Nk]`` (fused) or ``[B,H,R,Nk]`` (``head_fusion=None``), R = Nq without ``query_rows``.
+        ``(probs, flags)``: fp32 ``[B,R,Nk]`` (fused) or ``[B,H,R,Nk]`` (``head_fusion=None``), R = Nq without
+        ``query_rows``; ``flags`` is None without ``query_rows``, else an int32 ``[1]`` device tensor, non-zero when a
+        query row lay outside ``[0, Nq)`` (it was clamped; the caller raises). Nothing here synchronises.
     """
     _require_triton()
     if head_fusion not in _FUSION:
@@ -260,8 +360,6 @@ def attention_probs_forward(
         rows = query_rows.to(device=q.device, dtype=torch.int32)
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= nq):
-            raise ValueError(f"query_rows must lie in [0, {nq})")
         r = rows.shape[1]
     else:
         rows = None
@@ -277,13 +375,27 @@ def attention_probs_forward(
     fused = head_fusion is not None
     shape = (b, r, nk) if fused else (b, h, r, nk)
     out = torch.empty(shape, device=q.device, dtype=torch.float32)
+    flags = torch.zeros(1, device=q.device, dtype=torch.int32) if rows is not None else None
     if out.numel() == 0:
-        return out
-    stats = torch.empty(b, h, r, 2, device=q.device, dtype=torch.float32)
+        return out, flags
     block_d = max(16, triton.next_power_of_2(hd))
+    bs = bias.stride() if bias is not None else (0, 0, 0, 0)
+    ieee = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting())
+    keys_pow2 = max(16, triton.next_power_of_2(nk))
+    if keys_pow2 * block_d <= ONEPASS_MAX_TILE and not (ieee and not _interpreting() and keys_pow2 * block_d > 16384):
+        block_m, warps = _onepass_config(keys_pow2, r)
+        _capture_onepass_kernel[(b, triton.cdiv(r, block_m))](
+            q, k, bias if bias is not None else q, rows if rows is not None else q, out,
+            flags if flags is not None else out, h, r, nq, nk, hd, float(scale),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *bs,
+            rows.stride(0) if rows is not None else 0, out.stride(0), out.stride(1) if not fused else 0, out.stride(-2),
+            HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, CAUSAL=bool(causal), FUSION=_FUSION[head_fusion],
+            IEEE=ieee, BLOCK_M=block_m, BLOCK_N=keys_pow2, BLOCK_D=block_d, num_warps=warps,
+        )  # fmt: skip
+        return out, flags
+    stats = torch.empty(b, h, r, 2, device=q.device, dtype=torch.float32)
     block_m = 32 if block_d <= 64 else 16
     block_n = 64 if block_d <= 128 else 32
-    bs = bias.stride() if bias is not None else (0, 0, 0, 0)
     _capture_kernel[(b, triton.cdiv(r, block_m))](
         q,
         k,
@@ -291,8 +403,10 @@ def attention_probs_forward(
         rows if rows is not None else q,
         out,
         stats,
+        flags if flags is not None else out,
         h,
         r,
+        nq,
         nk,
         hd,
         float(scale),
@@ -312,10 +426,10 @@ def attention_probs_forward(
         CAUSAL=bool(causal),
         FUSION=_FUSION[head_fusion],
         # the Triton interpreter multiplies bf16 tiles wrongly (bit patterns as integers), so it upcasts them
-        IEEE=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting()),
+        IEEE=ieee,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         num_warps=4,
     )
-    return out
+    return out, flags

@@ -1,28 +1,37 @@
 """Fused attention rollout (MARS) in Triton.
 
-Algorithm, per layer, for every sample at once (grids span the batch, no Python loop over samples):
+Per layer, for every sample at once (grids span the batch, no Python loop over samples). Values are compared through
+an order-preserving int32 key (the fp32 bit pattern of a non-negative value, ``-0.0`` folded into ``+0.0``), and an
+entry's rank is that of the pair ``(key, flat index)``: the ``count = floor(ratio*N*N)`` smallest pairs are exactly the
+entries the reference drops (ties at the threshold go lower flat index first). With ``P* = (T, cut)`` the
+``count``-th smallest pair, an entry is dropped iff ``key < T or (key == T and flat <= cut)``, never flat index 0
+under ``protect="entry0"``.
 
-1. ``_fuse_kernel`` (grid ``B x tiles``): head fusion (mean/max/min) of ``[B,H,N,N]`` maps in any float dtype into an
-   fp32 workspace ``W [B,N*N]``, flagging negative or non-finite values per sample.
-2. ``_select_kernel`` (grid ``B``): exact per-sample selection of the ``count = floor(ratio*N*N)``-th smallest entry.
-   Values are mapped to order-preserving integer keys (the float bit pattern, sign-adjusted, with ``-0.0`` folded
-   into ``+0.0``) and a 4-pass radix select (8 bits per pass, ``tl.histogram``) finds the threshold key ``T`` and how
-   many entries equal to ``T`` still need dropping. Only if that is fewer than all of them (a tie at the threshold)
-   does one extra pass find the flat index ``cut`` of the last tie to drop, so ties go lower flat index first.
-   An entry is dropped iff ``key < T or (key == T and flat <= cut)``, never flat index 0 under ``protect="entry0"``.
-3. Full product: ``_discard_rowsum_kernel`` zeroes the dropped entries of ``W`` in place and writes the row sums
-   ``s = rowsum(A_d) + 1``; the chain step ``R <- (A_d @ R + R) / s`` is one cuBLAS ``baddbmm`` plus a division
-   (the identity start is never multiplied: the first layer gives ``R = (A_d + I) / s``).
-   Query-row chain: ``_query_row_kernel`` turns row ``q_b`` of the last layer into ``v = (A_d[q] + e_q) / s_q``;
-   for each earlier layer ``_discard_rowsum_kernel`` (read only) gives ``s`` and ``_vecmat_kernel`` computes
-   ``v <- (v / s) A_d + v / s`` with the discard applied on the fly, so ``A_d`` is never written.
+1. ``_pivot_kernel`` (grid ``B``): fuses the heads at a spread sample of 2048 positions (64 runs of 32 contiguous
+   entries, read straight from the ``[B,H,N,N]`` maps) and picks two pivot keys ``lo <= hi`` whose sample ranks bracket
+   the target rank by 5 standard deviations either side (the whole map is the sample when ``N*N <= 2048``: the pivots
+   are then exact).
+2. ``_fuse_kernel`` (grid ``B x tiles``), the one pass over the maps: head fusion (mean/max/min, fp32 accumulation)
+   into an fp32 workspace ``W [B,N*N]``; per tile it counts the entries with ``key < lo`` (one atomic per tile) and
+   appends the pairs with ``lo <= key <= hi`` to a per-sample candidate list (a ``tl.cumsum`` compaction and one
+   atomic per tile). It also flags negative and non-finite values.
+3. ``_select_kernel`` (grid ``B``): if the target rank falls inside the bracket (``below < count <= below + cands``)
+   and the list did not overflow, a radix select (8 bits per pass, ``tl.histogram``, stopping as soon as one pair is
+   left) over the few candidates' 64-bit pairs ``key << 32 | flat`` gives ``P*``. Otherwise (an unlucky sample, heavy
+   ties, adversarial data) the same select runs over the sample's whole workspace: slower, never wrong. With
+   ``query`` rows, the last layer's select also writes ``v = (A_d[q] + e_q) / s_q`` directly.
+4. Full product: ``_discard_rowsum_kernel`` zeroes the dropped entries of ``W`` in place and writes the row sums
+   ``s = rowsum(A_d) + 1``; the chain step ``R <- (A_d @ R + R) / s`` is one cuBLAS ``baddbmm`` plus a division.
+   Query-row chain: for each earlier layer ``_rowblock_kernel`` (grid ``B x row blocks``) computes the row sums of
+   its rows and their share ``sum_r (v_r / s_r) A_d[r, :]`` with the discard applied on the fly, and
+   ``_reduce_kernel`` adds the shares in a fixed order (deterministic, no float atomics) plus ``v / s``.
 
-Passes over a ``[B,N,N]`` fp32 map per layer: 1 write (fusion), 4 reads (select; 5 with a threshold tie),
-then 1 read + 1 write (full product) or 2 reads (query chain). Accumulation is fp32 throughout.
+Memory traffic per layer: the maps once, the fp32 workspace written once and read once (plus a few per cent for the
+candidates); everything else is per-sample scalars. Accumulation is fp32 throughout.
 
-Limits: N up to 2**15 (keys, flat indices and the workspace use int64 offsets; tested to N = 1025). The select
-kernel runs one program per sample, so a batch of one uses a single SM for that step. Inputs must be finite and
-non-negative, as the reference requires (checked in-kernel, raised after the launch).
+Limits: N up to 2**15 (flat indices fit in 32 bits). Inputs must be finite and non-negative, as the reference
+requires: the kernels flag bad values and bad query rows in a small device buffer that the caller checks (see
+:mod:`attnselect.kernels`).
 """
 
 from __future__ import annotations
@@ -34,9 +43,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["FUSION_CODES", "rollout_forward"]
+__all__ = ["FLAG_BAD_MAPS", "FLAG_BAD_QUERY", "FUSION_CODES", "rollout_forward"]
 
 FUSION_CODES = {"mean": 0, "max": 1, "min": 2}
+FLAG_BAD_MAPS = 1
+FLAG_BAD_QUERY = 2
+
+# tuning knobs (module constants so a benchmark can sweep them)
+FUSE_BLOCK = 1024
+FUSE_WARPS = 4
+SAMPLE_RUNS = 64
+SAMPLE_RUN = 32
+SELECT_CHUNK = 4096
+BRACKET_SIGMAS = 5.0
 
 try:
     import triton
@@ -57,12 +76,17 @@ def _require_triton() -> None:
 if triton is not None:
 
     @triton.jit
-    def _order_key(w):
-        # order-preserving int64 key in [0, 2**32) of an fp32 value; -0.0 folds into +0.0 so the two tie
-        w = w + 0.0
-        bits = w.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        return key.to(tl.int64) + 2147483648
+    def _key(w):
+        # order-preserving int32 key of an fp32 value >= 0; -0.0 folds into +0.0, negatives (flagged) clamp to 0
+        return tl.maximum((w + 0.0).to(tl.int32, bitcast=True), 0)
+
+    @triton.jit
+    def _hist256(digit, m, HIST_MASK: tl.constexpr):
+        if HIST_MASK:
+            return tl.histogram(digit, 256, mask=m)
+        else:  # Triton < 3.3 has no masked histogram
+            bins = tl.arange(0, 256)
+            return tl.sum(((digit[:, None] == bins[None, :]) & m[:, None]).to(tl.int32), axis=0)
 
     @triton.jit
     def _dropped(key, flat, thr, cut, PROTECT: tl.constexpr):
@@ -72,89 +96,223 @@ if triton is not None:
         return drop
 
     @triton.jit
-    def _fuse_kernel(
+    def _fused(src, m, stride_h, H, FUSION: tl.constexpr):
+        # the same arithmetic wherever a fused value is needed: heads in order, fp32, mean = sum / H. A run-time loop
+        # over heads (not unrolled: an unrolled one holds every head's tile in registers and spills)
+        acc = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        bad = (acc != acc) | (tl.abs(acc) == float("inf"))
+        for h in range(1, H):
+            v = tl.load(src + h * stride_h, mask=m, other=0.0).to(tl.float32)
+            if FUSION == 0:
+                acc += v
+            elif FUSION == 1:
+                acc = tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL)
+            else:
+                acc = tl.minimum(acc, v, propagate_nan=tl.PropagateNan.ALL)
+                bad = bad | (v != v) | (tl.abs(v) == float("inf"))  # a minimum can hide an inf, as in the reference
+        if FUSION == 0:
+            acc = acc / H
+        bad = bad | (acc < 0) | (acc != acc) | (tl.abs(acc) == float("inf"))
+        return acc, bad & m
+
+    @triton.jit
+    def _tile_rank_key(keys, valid, rank, HIST_MASK: tl.constexpr):
+        # key of 0-based `rank` among the valid int32 keys (>= 0) of a register tile: 4 radix passes of 8 bits
+        prefix = tl.program_id(0) * 0
+        rem = prefix + rank + 1
+        bins = tl.arange(0, 256)
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p
+            if p == 0:
+                match = valid
+            else:
+                match = valid & ((keys >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist = _hist256((keys >> shift) & 255, match, HIST_MASK)
+            cum = tl.cumsum(hist, 0)
+            d = tl.sum((cum < rem).to(tl.int32), axis=0)
+            rem = rem - tl.sum(tl.where(bins < d, hist, 0), axis=0)
+            prefix = prefix | (d << shift)
+        return prefix
+
+    @triton.jit
+    def _pivot_kernel(
         X,
-        W,
-        BAD,
-        H,
+        PIV,
         NN,
         stride_b,
         stride_h,
+        rank_lo,
+        rank_hi,
+        H,
         FUSION: tl.constexpr,
+        RUNS: tl.constexpr,
+        RUN: tl.constexpr,
+        WHOLE: tl.constexpr,
+        HIST_MASK: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        i = tl.arange(0, RUNS * RUN)
+        if WHOLE:  # the sample is the whole map
+            pos = i.to(tl.int64)
+        else:
+            run = i // RUN
+            pos = (run.to(tl.int64) * NN) // RUNS + (i % RUN)
+        m = pos < NN
+        w, _ = _fused(X + b.to(tl.int64) * stride_b + pos, m, stride_h, H, FUSION)
+        keys = _key(w)
+        lo = tl.program_id(0) * 0
+        hi = lo + 2147483647
+        if rank_lo >= 0:
+            lo = _tile_rank_key(keys, m, rank_lo, HIST_MASK)
+        if rank_hi >= 0:
+            hi = _tile_rank_key(keys, m, rank_hi, HIST_MASK)
+        tl.store(PIV + 2 * b, lo)
+        tl.store(PIV + 2 * b + 1, hi)
+
+    @triton.jit
+    def _fuse_kernel(
+        X,
+        W,
+        PIV,
+        BELOW,
+        CNT,
+        CAND,
+        FLAG,
+        NN,
+        CAP,
+        stride_b,
+        stride_h,
+        H,
+        FUSION: tl.constexpr,
+        SELECT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         b = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = offs < NN
-        src = X + b.to(tl.int64) * stride_b + offs
-        if FUSION == 0:
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-        elif FUSION == 1:
-            acc = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        else:
-            acc = tl.full([BLOCK], float("inf"), dtype=tl.float32)
-        for h in range(H):
-            v = tl.load(src + h * stride_h, mask=m, other=0.0).to(tl.float32)
-            if FUSION == 0:
-                acc += v
-            elif FUSION == 1:
-                acc = tl.maximum(acc, v)
-            else:
-                acc = tl.minimum(acc, v)
-        if FUSION == 0:
-            acc = acc / H
+        acc, bad = _fused(X + b.to(tl.int64) * stride_b + offs, m, stride_h, H, FUSION)
         tl.store(W + b.to(tl.int64) * NN + offs, acc, mask=m)
-        bad = m & ((acc < 0) | (acc != acc) | (tl.abs(acc) == float("inf")))
-        tl.atomic_max(BAD + b, tl.max(bad.to(tl.int32), axis=0))
+        any_bad = tl.max(bad.to(tl.int32), axis=0)
+        if any_bad > 0:
+            tl.atomic_or(FLAG, 1)
+        if SELECT:
+            lo = tl.load(PIV + 2 * b)
+            hi = tl.load(PIV + 2 * b + 1)
+            key = _key(acc)
+            n_below = tl.sum((m & (key < lo)).to(tl.int32), axis=0)
+            if n_below > 0:
+                tl.atomic_add(BELOW + b, n_below, sem="relaxed")
+            cand = m & (key >= lo) & (key <= hi)
+            n_cand = tl.sum(cand.to(tl.int32), axis=0)
+            if n_cand > 0:
+                start = tl.atomic_add(CNT + b, n_cand, sem="relaxed")
+                pos = start + tl.cumsum(cand.to(tl.int32), 0) - 1
+                packed = (key.to(tl.int64) << 32) | offs.to(tl.int64)
+                tl.store(CAND + b.to(tl.int64) * CAP + pos, packed, mask=cand & (pos < CAP))
 
     @triton.jit
-    def _select_kernel(W, THR, CUT, NN, count, BLOCK: tl.constexpr, HIST_MASK: tl.constexpr):
+    def _select_kernel(
+        W,
+        PIV,
+        BELOW,
+        CNT,
+        CAND,
+        THR,
+        CUT,
+        Q,
+        V,
+        FLAG,
+        N,
+        NN,
+        CAP,
+        count,
+        SELECT: tl.constexpr,
+        QUERY_ROW: tl.constexpr,
+        PROTECT: tl.constexpr,
+        CHUNK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HIST_MASK: tl.constexpr,
+    ):
         b = tl.program_id(0)
-        base = W + b.to(tl.int64) * NN
-        offs = tl.arange(0, BLOCK)
-        bins = tl.arange(0, 256)
-        prefix = tl.zeros([1], dtype=tl.int64)
-        rem = tl.full([1], count, dtype=tl.int32)
-        eq_count = tl.zeros([1], dtype=tl.int32)
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            hist = tl.zeros([256], dtype=tl.int32)
-            for start in range(0, NN, BLOCK):
-                idx = start + offs
-                m = idx < NN
-                key = _order_key(tl.load(base + idx, mask=m, other=0.0))
-                if p > 0:
-                    m = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                digit = ((key >> shift) & 255).to(tl.int32)
-                if HIST_MASK:
-                    hist += tl.histogram(digit, 256, mask=m)
-                else:  # Triton < 3.3 has no masked histogram
-                    hist += tl.sum(((digit[:, None] == bins[None, :]) & m[:, None]).to(tl.int32), axis=0)
-            cum = tl.cumsum(hist, 0)
-            d = tl.sum((cum[None, :] < rem[:, None]).to(tl.int32), axis=1)  # first bin whose cumsum reaches rem
-            before = tl.sum(tl.where(bins[None, :] < d[:, None], hist[None, :], 0), axis=1)
-            eq_count = tl.sum(tl.where(bins[None, :] == d[:, None], hist[None, :], 0), axis=1)
-            rem = rem - before
-            prefix = prefix | (d.to(tl.int64) << shift)
-        # `rem` of the `eq_count` entries equal to the threshold are dropped, lowest flat index first
-        cut = tl.full([1], 2147483647, dtype=tl.int64)
-        need = tl.sum(rem, axis=0)
-        if need < tl.sum(eq_count, axis=0):
-            seen = tl.zeros([1], dtype=tl.int32)
-            last = tl.full([1], -1, dtype=tl.int64)
-            for start in range(0, NN, BLOCK):
-                idx = start + offs
-                m = idx < NN
-                key = _order_key(tl.load(base + idx, mask=m, other=0.0))
-                eq = m & (key == prefix)
-                running = tl.cumsum(eq.to(tl.int32), 0)[None, :] + seen[:, None]
-                hit = eq[None, :] & (running <= rem[:, None])
-                last = tl.maximum(last, tl.max(tl.where(hit, idx[None, :].to(tl.int64), -1), axis=1))
-                seen += tl.sum(eq.to(tl.int32), axis=0)
-            cut = last
-        one = tl.arange(0, 1)
-        tl.store(THR + b + one, prefix)
-        tl.store(CUT + b + one, cut)
+        zero = tl.program_id(0) * 0
+        if SELECT:
+            base_w = W + b.to(tl.int64) * NN
+            base_c = CAND + b.to(tl.int64) * CAP
+            below = tl.load(BELOW + b)
+            total = tl.load(CNT + b)
+            rank = count - below
+            from_map = (rank < 1) | (rank > total) | (total > CAP)  # outside the bracket or overflow
+            lo = tl.load(PIV + 2 * b)
+            diff = lo ^ tl.load(PIV + 2 * b + 1)
+            nbits = zero
+            while (diff >> nbits) > 0:
+                nbits += 1
+            # bits >= hi_bit of every pair in the source are known (`prefix`)
+            hi_bit = tl.where(from_map, zero + 63, nbits + 32)
+            prefix = tl.where(from_map, 0, ((lo >> nbits) << nbits).to(tl.int64) << 32)
+            rem = tl.where(from_map, zero + count, rank)
+            n_src = tl.where(from_map, NN, total)
+            cnt = n_src
+            offs = tl.arange(0, CHUNK)
+            bins = tl.arange(0, 256)
+            while (hi_bit > 0) & (cnt > 1):
+                width = tl.minimum(hi_bit, 8)
+                shift = hi_bit - width
+                hist = tl.zeros([256], dtype=tl.int32)
+                for start in range(0, n_src, CHUNK):
+                    idx = start + offs
+                    mw = (idx < NN) & from_map
+                    kw = _key(tl.load(base_w + idx, mask=mw, other=0.0))
+                    mc = (idx < total) & (from_map == 0)
+                    packed = tl.where(from_map, (kw.to(tl.int64) << 32) | idx, tl.load(base_c + idx, mask=mc, other=0))
+                    match = (mw | mc) & ((packed >> hi_bit) == (prefix >> hi_bit))
+                    digit = ((packed >> shift) & ((1 << width) - 1)).to(tl.int32)
+                    hist += _hist256(digit, match, HIST_MASK)
+                cum = tl.cumsum(hist, 0)
+                d = tl.sum((cum < rem).to(tl.int32), axis=0)
+                rem = rem - tl.sum(tl.where(bins < d, hist, 0), axis=0)
+                cnt = tl.sum(tl.where(bins == d, hist, 0), axis=0)
+                prefix = prefix | (d.to(tl.int64) << shift)
+                hi_bit = shift
+            pstar = prefix
+            if hi_bit > 0:  # one pair left before the last bits were read: fetch it
+                best = tl.full([CHUNK], -1, dtype=tl.int64)
+                for start in range(0, n_src, CHUNK):
+                    idx = start + offs
+                    mw = (idx < NN) & from_map
+                    kw = _key(tl.load(base_w + idx, mask=mw, other=0.0))
+                    mc = (idx < total) & (from_map == 0)
+                    packed = tl.where(from_map, (kw.to(tl.int64) << 32) | idx, tl.load(base_c + idx, mask=mc, other=0))
+                    match = (mw | mc) & ((packed >> hi_bit) == (prefix >> hi_bit))
+                    best = tl.maximum(best, tl.where(match, packed, -1))
+                pstar = tl.max(best, axis=0)
+            thr = pstar >> 32
+            cut = pstar & 4294967295
+        else:  # count = 0 keeps everything, count >= N*N drops everything (but a protected entry 0)
+            thr = tl.where(count <= 0, zero - 1, zero + 2147483647).to(tl.int64) + tl.where(count <= 0, 0, 1)
+            cut = (zero - 1).to(tl.int64)
+        tl.store(THR + b, thr)
+        tl.store(CUT + b, cut)
+        if QUERY_ROW:
+            q = tl.load(Q + b)
+            bad_q = (q < 0) | (q >= N)
+            if bad_q:
+                tl.atomic_or(FLAG, 2)
+            q = tl.minimum(tl.maximum(q, 0), N - 1)
+            row = W + b.to(tl.int64) * NN + q * N
+            cols = tl.arange(0, BLOCK_N)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for c0 in range(0, N, BLOCK_N):
+                c = c0 + cols
+                w = tl.load(row + c, mask=c < N, other=0.0)
+                acc += tl.where(_dropped(_key(w), q * N + c, thr, cut, PROTECT), 0.0, w)
+            s = tl.sum(acc, axis=0) + 1.0
+            for c0 in range(0, N, BLOCK_N):
+                c = c0 + cols
+                w = tl.load(row + c, mask=c < N, other=0.0)
+                a = tl.where(_dropped(_key(w), q * N + c, thr, cut, PROTECT), 0.0, w)
+                a = a / s + tl.where(c == q, 1.0 / s, 0.0)
+                tl.store(V + b.to(tl.int64) * N + c, a, mask=c < N)
 
     @triton.jit
     def _discard_rowsum_kernel(
@@ -163,7 +321,6 @@ if triton is not None:
         THR,
         CUT,
         N,
-        WRITE: tl.constexpr,
         PROTECT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -179,43 +336,19 @@ if triton is not None:
         for c0 in range(0, N, BLOCK_N):
             c = c0 + cols
             m = rm[:, None] & (c < N)[None, :]
-            flat = rows[:, None].to(tl.int64) * N + c[None, :]
+            flat = rows[:, None] * N + c[None, :]
             w = tl.load(base + flat, mask=m, other=0.0)
-            a = tl.where(_dropped(_order_key(w), flat, thr, cut, PROTECT), 0.0, w)
-            if WRITE:
-                tl.store(base + flat, a, mask=m)
+            a = tl.where(_dropped(_key(w), flat, thr, cut, PROTECT), 0.0, w)
+            tl.store(base + flat, a, mask=m)
             acc += tl.sum(a, axis=1)
         tl.store(S + b.to(tl.int64) * N + rows, acc + 1.0, mask=rm)
 
     @triton.jit
-    def _query_row_kernel(W, Q, V, THR, CUT, N, PROTECT: tl.constexpr, BLOCK_N: tl.constexpr):
-        b = tl.program_id(0)
-        q = tl.load(Q + b)
-        thr = tl.load(THR + b)
-        cut = tl.load(CUT + b)
-        base = W + b.to(tl.int64) * N * N
-        cols = tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for c0 in range(0, N, BLOCK_N):
-            c = c0 + cols
-            flat = q * N + c
-            w = tl.load(base + flat, mask=c < N, other=0.0)
-            acc += tl.where(_dropped(_order_key(w), flat, thr, cut, PROTECT), 0.0, w)
-        s = tl.sum(acc, axis=0) + 1.0
-        for c0 in range(0, N, BLOCK_N):
-            c = c0 + cols
-            flat = q * N + c
-            w = tl.load(base + flat, mask=c < N, other=0.0)
-            a = tl.where(_dropped(_order_key(w), flat, thr, cut, PROTECT), 0.0, w)
-            a = a / s + tl.where(c == q, 1.0 / s, 0.0)
-            tl.store(V + b.to(tl.int64) * N + c, a, mask=c < N)
-
-    @triton.jit
-    def _vecmat_kernel(
+    def _rowblock_kernel(
         W,
         S,
         V_IN,
-        V_OUT,
+        PART,
         THR,
         CUT,
         N,
@@ -223,26 +356,50 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
+        # rows [r0, r0 + BLOCK_M) of one sample: their sums s_r, then their share sum_r (v_r / s_r) A_d[r, :]
         b = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cm = cols < N
+        rb = tl.program_id(1)
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        rm = rows < N
         thr = tl.load(THR + b)
         cut = tl.load(CUT + b)
         base = W + b.to(tl.int64) * N * N
         vrow = b.to(tl.int64) * N
-        rows0 = tl.arange(0, BLOCK_M)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for r0 in range(0, N, BLOCK_M):
-            r = r0 + rows0
-            rm = r < N
-            wv = tl.load(V_IN + vrow + r, mask=rm, other=0.0) / tl.load(S + vrow + r, mask=rm, other=1.0)
-            flat = r[:, None].to(tl.int64) * N + cols[None, :]
-            m = rm[:, None] & cm[None, :]
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, N, BLOCK_N):
+            c = c0 + cols
+            m = rm[:, None] & (c < N)[None, :]
+            flat = rows[:, None] * N + c[None, :]
             w = tl.load(base + flat, mask=m, other=0.0)
-            a = tl.where(_dropped(_order_key(w), flat, thr, cut, PROTECT), 0.0, w)
-            acc += tl.sum(wv[:, None] * a, axis=0)
-        own = tl.load(V_IN + vrow + cols, mask=cm, other=0.0) / tl.load(S + vrow + cols, mask=cm, other=1.0)
-        tl.store(V_OUT + vrow + cols, acc + own, mask=cm)
+            acc += tl.sum(tl.where(_dropped(_key(w), flat, thr, cut, PROTECT), 0.0, w), axis=1)
+        s = acc + 1.0
+        tl.store(S + vrow + rows, s, mask=rm)
+        wv = tl.load(V_IN + vrow + rows, mask=rm, other=0.0) / s
+        part = PART + (b.to(tl.int64) * tl.num_programs(1) + rb) * N
+        for c0 in range(0, N, BLOCK_N):
+            c = c0 + cols
+            m = rm[:, None] & (c < N)[None, :]
+            flat = rows[:, None] * N + c[None, :]
+            w = tl.load(base + flat, mask=m, other=0.0)
+            a = tl.where(_dropped(_key(w), flat, thr, cut, PROTECT), 0.0, w)
+            tl.store(part + c, tl.sum(wv[:, None] * a, axis=0), mask=c < N)
+
+    @triton.jit
+    def _reduce_kernel(PART, S, V_IN, V_OUT, N, NUM_RB, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cm = c < N
+        vrow = b.to(tl.int64) * N
+        r0 = tl.arange(0, BLOCK_R)
+        acc = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+        for rb in range(0, NUM_RB, BLOCK_R):
+            r = rb + r0
+            src = PART + (b.to(tl.int64) * NUM_RB + r[:, None]) * N + c[None, :]
+            acc += tl.load(src, mask=(r < NUM_RB)[:, None] & cm[None, :], other=0.0)
+        acc = tl.sum(acc, axis=0)
+        own = tl.load(V_IN + vrow + c, mask=cm, other=0.0) / tl.load(S + vrow + c, mask=cm, other=1.0)
+        tl.store(V_OUT + vrow + c, acc + own, mask=cm)
 
 
 def discard_count(ratio: float, n: int) -> int:
@@ -260,6 +417,8 @@ def _check_inputs(maps: Sequence[Tensor], ratios: Sequence[float], head_fusion: 
     if protect not in ("entry0", "none"):
         raise ValueError(f"protect must be 'entry0' or 'none', got {protect!r}")
     b, n = maps[0].shape[0], maps[0].shape[-1]
+    if n > 2**15:
+        raise ValueError(f"the Triton rollout handles N <= {2**15} tokens, got N = {n}")
     for i, a in enumerate(maps):
         if a.dim() not in (3, 4) or a.shape[-1] != a.shape[-2] or a.shape[0] != b or a.shape[-1] != n:
             raise ValueError(
@@ -271,13 +430,25 @@ def _check_inputs(maps: Sequence[Tensor], ratios: Sequence[float], head_fusion: 
             raise ValueError(f"attentions[{i}] is on {a.device} but attentions[0] is on {maps[0].device}")
 
 
+def _pivot_ranks(count: int, nn_: int, samples: int) -> tuple[int, int, bool]:
+    """0-based sample ranks of the pivots (-1: none on that side) and whether the sample is the whole map."""
+    if nn_ <= samples:
+        return count - 1, count - 1, True
+    q = count / nn_
+    centre = q * samples
+    spread = BRACKET_SIGMAS * math.sqrt(samples * q * (1.0 - q)) + 2.0
+    lo = math.floor(centre - spread)
+    hi = math.ceil(centre + spread)
+    return (lo if lo >= 0 else -1), (hi if hi < samples else -1), False
+
+
 def rollout_forward(
     maps: Sequence[Tensor],
     ratios: Sequence[float],
     head_fusion: str = "mean",
     protect: str = "entry0",
     rows: Tensor | None = None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Launch the fused rollout.
 
     Args:
@@ -288,56 +459,72 @@ def rollout_forward(
         rows: None for the full product, or a LongTensor ``[B]`` of per-sample query rows.
 
     Returns:
-        ``[B,N,N]`` fp32 rollout, or ``[B,N]`` query rows of it.
+        ``(result, flags)``: the ``[B,N,N]`` fp32 rollout (or its ``[B,N]`` query rows) and an int32 ``[1]`` device
+        tensor whose bits say what was wrong with the input (:data:`FLAG_BAD_MAPS`: negative or non-finite maps;
+        :data:`FLAG_BAD_QUERY`: a query row outside ``[0, N)``; the result is then meaningless). Reading it is left to
+        the caller, so the launch needs no device synchronisation.
     """
     _check_inputs(maps, ratios, head_fusion, protect)
     _require_triton()
     b, n = maps[0].shape[0], maps[0].shape[-1]
     nn_ = n * n
     device = maps[0].device
+    layers = len(maps)
     if rows is not None:
         if rows.shape != (b,):
             raise ValueError(f"rows must have shape [B] = [{b}], got {tuple(rows.shape)}")
-        rows = rows.to(device=device, dtype=torch.int64).contiguous()
+        rows = rows.to(device=device, dtype=torch.int32).contiguous()
+    samples = SAMPLE_RUNS * SAMPLE_RUN
+    cap = min(nn_, max(SELECT_CHUNK, nn_ // 8))
     work = torch.empty(b, nn_, device=device, dtype=torch.float32)
+    cand = torch.empty(b, cap, device=device, dtype=torch.int64)
+    counters = torch.zeros(layers * 2 * b + 1, device=device, dtype=torch.int32)  # below, cands per layer; flags
+    flags = counters[-1:]
+    piv = torch.empty(b, 2, device=device, dtype=torch.int32)
     sums = torch.empty(b, n, device=device, dtype=torch.float32)
     thr = torch.empty(b, device=device, dtype=torch.int64)
     cut = torch.empty(b, device=device, dtype=torch.int64)
-    bad = torch.zeros(b, device=device, dtype=torch.int32)
     fusion = FUSION_CODES[head_fusion]
     prot = protect == "entry0"
-    block = 1024
-    block_sel = 2048 if nn_ >= 2048 else max(16, triton.next_power_of_2(nn_))
-    bm = 16
-    bn = min(128, max(16, triton.next_power_of_2(n)))
+    block_n = min(1024, max(16, triton.next_power_of_2(n)))
+    rows_arg = rows if rows is not None else thr
 
-    def prepare(attn: Tensor, ratio: float) -> None:
+    def prepare(layer: int, attn: Tensor, ratio: float, query_row: bool, out: Tensor | None) -> None:
         x = attn if attn.dim() == 4 else attn.unsqueeze(1)
         if x.stride(-1) != 1 or x.stride(-2) != n:
             x = x.contiguous()
         heads = x.shape[1]
-        _fuse_kernel[(b, triton.cdiv(nn_, block))](
-            x, work, bad, heads, nn_, x.stride(0), x.stride(1), FUSION=fusion if heads > 1 else 0, BLOCK=block
-        )
+        fus = fusion if heads > 1 else 0
         count = discard_count(ratio, n)
-        if count == 0:  # nothing dropped: keys are >= 0 > thr
-            thr.fill_(-1)
-            cut.fill_(-1)
-        elif count >= nn_:  # everything dropped (but a protected entry 0)
-            thr.fill_(1 << 33)
-            cut.fill_(-1)
-        else:
-            _select_kernel[(b,)](
-                work, thr, cut, nn_, count, BLOCK=block_sel if _HIST_MASK else 256, HIST_MASK=_HIST_MASK, num_warps=8
-            )
+        select = 0 < count < nn_
+        below = counters[layer * 2 * b : layer * 2 * b + b]
+        cnt = counters[layer * 2 * b + b : layer * 2 * b + 2 * b]
+        if select:
+            rank_lo, rank_hi, whole = _pivot_ranks(count, nn_, samples)
+            _pivot_kernel[(b,)](
+                x, piv, nn_, x.stride(0), x.stride(1), rank_lo, rank_hi,
+                H=heads, FUSION=fus, RUNS=SAMPLE_RUNS, RUN=SAMPLE_RUN, WHOLE=whole, HIST_MASK=_HIST_MASK,
+                num_warps=8,
+            )  # fmt: skip
+        _fuse_kernel[(b, triton.cdiv(nn_, FUSE_BLOCK))](
+            x, work, piv, below, cnt, cand, flags, nn_, cap, x.stride(0), x.stride(1),
+            H=heads, FUSION=fus, SELECT=select, BLOCK=FUSE_BLOCK, num_warps=FUSE_WARPS,
+        )  # fmt: skip
+        _select_kernel[(b,)](
+            work, piv, below, cnt, cand, thr, cut, rows_arg, out if out is not None else work, flags,
+            n, nn_, cap, count if select else (0 if count <= 0 else 1),
+            SELECT=select, QUERY_ROW=query_row, PROTECT=prot, CHUNK=SELECT_CHUNK, BLOCK_N=block_n,
+            HIST_MASK=_HIST_MASK, num_warps=8,
+        )  # fmt: skip
 
     order = list(zip(maps, ratios))
     if rows is None:
         result = None
-        for attn, ratio in order:
-            prepare(attn, ratio)
+        bm = 16 if block_n <= 256 else 4
+        for layer, (attn, ratio) in enumerate(order):
+            prepare(layer, attn, ratio, False, None)
             _discard_rowsum_kernel[(b, triton.cdiv(n, bm))](
-                work, sums, thr, cut, n, WRITE=True, PROTECT=prot, BLOCK_M=bm, BLOCK_N=bn
+                work, sums, thr, cut, n, PROTECT=prot, BLOCK_M=bm, BLOCK_N=block_n
             )
             a = work.view(b, n, n)
             if result is None:
@@ -345,23 +532,25 @@ def rollout_forward(
             else:
                 result = torch.baddbmm(result, a, result)
             result = result / sums.unsqueeze(-1)
-    else:
-        result = torch.empty(b, n, device=device, dtype=torch.float32)
-        spare = torch.empty_like(result)
-        for i, (attn, ratio) in enumerate(reversed(order)):
-            prepare(attn, ratio)
-            if i == 0:
-                _query_row_kernel[(b,)](
-                    work, rows, result, thr, cut, n, PROTECT=prot, BLOCK_N=min(1024, max(16, bn * 4))
-                )
-                continue
-            _discard_rowsum_kernel[(b, triton.cdiv(n, bm))](
-                work, sums, thr, cut, n, WRITE=False, PROTECT=prot, BLOCK_M=bm, BLOCK_N=bn
-            )
-            _vecmat_kernel[(b, triton.cdiv(n, bn))](
-                work, sums, result, spare, thr, cut, n, PROTECT=prot, BLOCK_M=32, BLOCK_N=bn
-            )
-            result, spare = spare, result
-    if bool(bad.any()):
-        raise ValueError("attention maps must be finite and non-negative (softmax probabilities)")
-    return result
+        return result, flags
+    result = torch.empty(b, n, device=device, dtype=torch.float32)
+    spare = torch.empty_like(result)
+    bm = max(1, min(32, 8192 // block_n))
+    num_rb = triton.cdiv(n, bm)
+    part = torch.empty(b, num_rb, n, device=device, dtype=torch.float32) if layers > 1 else None
+    red_block = min(128, max(16, triton.next_power_of_2(n)))
+    red_rows = min(32, triton.next_power_of_2(num_rb))
+    for i, (attn, ratio) in enumerate(reversed(order)):
+        layer = layers - 1 - i
+        if i == 0:
+            prepare(layer, attn, ratio, True, result)
+            continue
+        prepare(layer, attn, ratio, False, None)
+        _rowblock_kernel[(b, num_rb)](
+            work, sums, result, part, thr, cut, n, PROTECT=prot, BLOCK_M=bm, BLOCK_N=block_n, num_warps=4
+        )
+        _reduce_kernel[(b, triton.cdiv(n, red_block))](
+            part, sums, result, spare, n, num_rb, BLOCK_R=red_rows, BLOCK=red_block
+        )
+        result, spare = spare, result
+    return result, flags

@@ -8,8 +8,13 @@ writes its ``BLOCK_K`` slice of ``indices`` / ``mask`` (positions past the numbe
 valid index with ``mask`` False) and gathers those rows of ``tokens [B,N,D]`` into ``[B,k,D]``. Sorting a row again
 in every program costs ``O(N log^2 N)`` register work and buys parallelism over ``k`` for small batches.
 
-The backward (``gather_backward``) scatter-adds the output gradient into a zero ``[B,N,D]`` token gradient; repeated
-tail indices accumulate, as ``torch.gather``'s gradient does.
+The backward (``gather_backward``, grid ``(B, cdiv(N, 16))``) writes every row of the ``[B,N,D]`` token gradient once:
+each program finds, for its 16 tokens, the position that selected them (a ``[16, k]`` comparison with the saved
+indices) and copies that row of the output gradient, or zeros; the tail positions that repeat the last valid token
+add to its row, as ``torch.gather``'s gradient does. No zero fill and no scatter.
+
+Errors are reported without a device synchronisation: the forward writes a per-sample code (1: a NaN score,
+2: no valid token) that the caller checks (see :mod:`attnselect.kernels`).
 
 Limits: scores in fp32/fp16/bf16 (fp64 scores would lose ties in the fp32 key: the gate sends them to the reference),
 N up to 8192 (one sorted row per program), tokens of any float dtype including fp64 (gradcheck runs in fp64).
@@ -42,6 +47,8 @@ if triton is not None:
         IDX,
         MASK,
         OUT,
+        ERR,
+        ERR_ANY,
         N,
         K,
         D,
@@ -69,6 +76,12 @@ if triton is not None:
         packed = rev.to(tl.int64) * 4294967296 + n.to(tl.int64)
         order = (tl.sort(packed) & 4294967295).to(tl.int32)
         num_valid = tl.sum(ok.to(tl.int32), axis=0)
+        if tl.program_id(1) == 0:  # per-sample error code: 1 = NaN score, 2 = no valid token
+            has_nan = tl.max((inside & (s != s)).to(tl.int32), axis=0)
+            code = has_nan + 2 * (num_valid == 0).to(tl.int32)
+            tl.store(ERR + b, code)
+            if code != 0:
+                tl.atomic_or(ERR_ANY, code)
         last_valid = tl.sum(tl.where(n == num_valid - 1, order, 0), axis=0)
         p = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         pm = p < K
@@ -84,6 +97,57 @@ if triton is not None:
             dd = d0 + d
             m = pm[:, None] & (dd < D)[None, :]
             tl.store(dst + dd[None, :], tl.load(src + dd[None, :], mask=m), mask=m)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_backward_kernel(
+        GO,
+        IDX,
+        MASK,
+        G,
+        N,
+        K,
+        D,
+        stride_gb,
+        stride_gk,
+        stride_b,
+        stride_n,
+        BLOCK_T: tl.constexpr,
+        BLOCK_KK: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        nm = n < N
+        jj = tl.arange(0, BLOCK_KK)
+        first = tl.full([BLOCK_T], 2147483647, dtype=tl.int32)
+        kept = tl.program_id(0) * 0
+        for k0 in range(0, K, BLOCK_KK):
+            j = k0 + jj
+            jm = j < K
+            idx = tl.load(IDX + b * K + j, mask=jm, other=-1).to(tl.int32)
+            kept += tl.sum(tl.load(MASK + b * K + j, mask=jm, other=0).to(tl.int32), axis=0)
+            hit = idx[None, :] == n[:, None]
+            first = tl.minimum(first, tl.min(tl.where(hit, j[None, :], 2147483647), axis=1))
+        sel = nm & (first < K)
+        src = GO + b * stride_gb + tl.where(sel, first, 0).to(tl.int64)[:, None] * stride_gk
+        dst = G + b * stride_b + n.to(tl.int64)[:, None] * stride_n
+        # positions kept..K-1 repeat the last valid token: their gradients add to its row
+        last = tl.load(IDX + b * K + K - 1).to(tl.int32)
+        tail = nm & (n == last) & (kept < K)
+        has_tail = tl.max(tail.to(tl.int32), axis=0) > 0
+        d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + d
+            dm = (dd < D)[None, :]
+            g = tl.load(src + dd[None, :], mask=sel[:, None] & dm, other=0.0)
+            if has_tail:
+                for p in range(kept, K):
+                    row = tl.load(GO + b * stride_gb + p * stride_gk + dd, mask=dd < D, other=0.0)
+                    g += tl.where(tail[:, None], row[None, :], 0.0).to(g.dtype)
+            tl.store(dst + dd[None, :], g, mask=nm[:, None] & dm)
 
 
 def _require_triton() -> None:
@@ -126,7 +190,10 @@ def topk_gather_forward(
         valid: optional bool ``[B,N]``; every sample needs one True entry.
 
     Returns:
-        ``(indices [B,k] int64, mask [B,k] bool, gathered [B,k,D])``.
+        ``(indices [B,k] int64, mask [B,k] bool, gathered [B,k,D], errors [B+1] int32)``; ``errors[:B]`` is 1 for a
+        sample with a NaN score, 2 for a sample without a valid token (its other outputs are then meaningless), else
+        0, and ``errors[B]`` is the bitwise or of them. It is left on the device: the launch never
+        synchronises.
     """
     _require_triton()
     _check(scores, k, tokens, valid)
@@ -138,6 +205,8 @@ def topk_gather_forward(
     indices = torch.empty(b, k, device=scores.device, dtype=torch.int64)
     mask = torch.empty(b, k, device=scores.device, dtype=torch.int8)
     out = torch.empty(b, k, dim, device=tokens.device, dtype=tokens.dtype)
+    errors = torch.empty(b + 1, device=scores.device, dtype=torch.int32)
+    errors[b:].zero_()  # the summary (the bitwise or of the codes) behind the per-sample codes
     if valid is not None:
         valid_i8 = valid.contiguous().view(torch.int8)
     else:
@@ -153,6 +222,8 @@ def topk_gather_forward(
             indices,
             mask,
             out,
+            errors,
+            errors[b:],
             n,
             k,
             dim,
@@ -168,11 +239,42 @@ def topk_gather_forward(
             BLOCK_D=block_d,
             num_warps=4 if block_n <= 1024 else 8,
         )
-    return indices, mask.view(torch.bool), out
+    return indices, mask.view(torch.bool), out, errors
 
 
-def gather_backward(grad_out: Tensor, indices: Tensor, num_tokens: int) -> Tensor:
-    """Token gradient of the gather: scatter-add ``grad_out [B,k,D]`` into zeros ``[B,N,D]`` at ``indices [B,k]``."""
-    b, _, dim = grad_out.shape
-    grad = torch.zeros(b, num_tokens, dim, device=grad_out.device, dtype=grad_out.dtype)
-    return grad.scatter_add_(1, indices.unsqueeze(-1).expand(-1, -1, dim), grad_out)
+def gather_backward(grad_out: Tensor, indices: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
+    """Token gradient of the gather, ``[B,N,D]``: row ``n`` is the sum of the rows of ``grad_out [B,k,D]`` whose
+    ``indices`` are ``n`` (the selected position, plus the tail that repeats the last valid token), zero elsewhere.
+
+    One launch writes every row of the gradient once (no zero fill, no scatter).
+    """
+    _require_triton()
+    b, k, dim = grad_out.shape
+    grad = torch.empty(b, num_tokens, dim, device=grad_out.device, dtype=grad_out.dtype)
+    if grad.numel() == 0:
+        return grad.zero_()
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    indices = indices.contiguous()
+    mask_i8 = mask.contiguous().view(torch.int8)
+    block_t = 16
+    block_kk = min(1024, max(16, triton.next_power_of_2(k)))
+    block_d = min(256, max(16, triton.next_power_of_2(dim)))
+    _gather_backward_kernel[(b, triton.cdiv(num_tokens, block_t))](
+        grad_out,
+        indices,
+        mask_i8,
+        grad,
+        num_tokens,
+        k,
+        dim,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        BLOCK_T=block_t,
+        BLOCK_KK=block_kk,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return grad
