@@ -67,11 +67,11 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         if self.sync is not False and _distributed_world() > 1:
             from torch.distributed.nn.functional import all_reduce
 
-            local = torch.cat([(xf * m).sum(dim=(0, 1)), (xf * xf * m).sum(dim=(0, 1)), m.sum().reshape(1)])
-            total = all_reduce(local)
+            # two passes, as on one process: the global mean first, then the squared deviations from it
+            total = all_reduce(torch.cat([(xf * m).sum(dim=(0, 1)), m.sum().reshape(1)]))
             count = total[-1].clamp(min=1.0)
-            mean = total[: self.num_features] / count
-            var = (total[self.num_features : 2 * self.num_features] / count - mean * mean).clamp(min=0.0)
+            mean = total[:-1] / count
+            var = all_reduce((((xf - mean) ** 2) * m).sum(dim=(0, 1))) / count
             return mean, var, count
         count = m.sum().clamp(min=1.0)
         mean = (xf * m).sum(dim=(0, 1)) / count
