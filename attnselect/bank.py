@@ -31,6 +31,12 @@ class BankOutput:
         saliency: ``[B,N]`` fp32 scores of every token (the rollout's query row).
         embedding: ``[B,D']`` pooled local embedding, or None when the bank has no pool.
         k: tokens kept per sample.
+
+    Examples:
+        >>> maps = [torch.softmax(torch.randn(1, 5, 5), -1) for _ in range(12)]  # 12 layers of [B,N,N]
+        >>> out = AttentiveBank(ratio=0.5)(torch.randn(1, 5, 8), maps)  # n = 4 selectable tokens (CLS excluded)
+        >>> out.k, out.tokens.shape, out.indices.shape, out.saliency.shape, out.embedding.shape
+        (2, torch.Size([1, 2, 8]), torch.Size([1, 2]), torch.Size([1, 5]), torch.Size([1, 8]))
     """
 
     tokens: Tensor
@@ -55,6 +61,24 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     Under ``torch.distributed`` (``sync=None``, the default, or ``sync=True``) the training statistics are
     all-reduced over the ranks, with gradients, so that DistributedDataParallel on a split batch computes what one
     process computes on the whole batch (what :class:`torch.nn.SyncBatchNorm` does for unmasked inputs).
+
+    Args:
+        *args: positional arguments of :class:`torch.nn.BatchNorm1d` (``num_features`` = channels ``C`` first).
+        sync: all-reduce the statistics over ranks: None (when distributed), True, or False (never).
+        **kwargs: keyword arguments of :class:`torch.nn.BatchNorm1d` (``eps``, ``momentum``, ``affine``, ...).
+
+    Shapes:
+        ``forward(x [B,K,C], mask [B,K] bool or None) -> [B,K,C]`` in the dtype of ``x``.
+
+    Examples:
+        >>> bn = MaskedBatchNorm1d(3)
+        >>> x = torch.randn(2, 4, 3)
+        >>> mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+        >>> y = bn(x, mask)
+        >>> y.shape
+        torch.Size([2, 4, 3])
+        >>> bool(y[mask].mean(0).abs().max() < 1e-5)  # the valid tokens are standardised per channel
+        True
     """
 
     def __init__(self, *args: Any, sync: bool | None = None, **kwargs: Any) -> None:

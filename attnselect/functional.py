@@ -63,7 +63,25 @@ def _check_choice(value: object, choices: Sequence[str], name: str) -> None:
 def check_maps(attn: Tensor, name: str = "attn", *, allow_heads: bool = True) -> Tensor:
     """Validate one attention map: a floating tensor ``[B,H,N,N]`` (when ``allow_heads``) or ``[B,N,N]``.
 
-    Returns the tensor unchanged; raises ``TypeError``/``ValueError`` naming ``name`` otherwise.
+    Args:
+        attn: the map to check, ``[B,H,N,N]`` or ``[B,N,N]``.
+        name: the argument name used in error messages.
+        allow_heads: accept per-head ``[B,H,N,N]`` maps (otherwise only ``[B,N,N]``).
+
+    Returns:
+        The same tensor, unchanged.
+
+    Raises:
+        TypeError: ``attn`` is not a floating-point tensor.
+        ValueError: wrong rank, not square in its last two dims, or empty.
+
+    Examples:
+        >>> check_maps(torch.rand(2, 4, 5, 5)).shape
+        torch.Size([2, 4, 5, 5])
+        >>> check_maps(torch.rand(2, 5, 4), "maps")
+        Traceback (most recent call last):
+            ...
+        ValueError: maps must be square in its last two dims (queries x keys), got (2, 5, 4)
     """
     _check_tensor(attn, name)
     _check_float(attn, name)
@@ -135,29 +153,34 @@ def _threshold(flat: Tensor, count: int) -> tuple[Tensor, bool]:
     return threshold, straddles
 
 
-def _discarded(attn: Tensor, ratio: float, protect: str) -> Tensor:
-    """``attn [B,N,N]`` (fp32) with the entries :func:`discard_lowest` zeroes set to zero, as a new tensor."""
+def _discarded(attn: Tensor, ratio: float, protect: str, *, inplace: bool = False) -> Tensor:
+    """``attn [B,N,N]`` (fp32) with the entries :func:`discard_lowest` zeroes set to zero.
+
+    A new tensor, or ``attn`` itself modified when ``inplace`` (for buffers the caller owns: it saves allocating, and
+    first touching, another ``[B,N,N]`` buffer).
+    """
     b, n, _ = attn.shape
     count = math.floor(ratio * n * n)
     if count == 0:
-        return attn.clone()
-    flat = attn.reshape(b, n * n)
+        return attn if inplace else attn.clone()
+    out = attn if inplace else attn.clone()
+    entry0 = attn[:, 0, 0].clone() if protect == "entry0" else None
+    flat = out.view(b, n * n)
     if count >= n * n:
-        out = torch.zeros_like(attn)
+        out.zero_()
     else:
         # everything up to the count-th smallest value goes; when entries equal to it straddle the cut, the lowest
         # flat indices among them go first, so that exactly `count` entries are dropped
         threshold, straddles = _threshold(flat, count)
         if not straddles:
-            out = (flat * (flat > threshold)).view(b, n, n)  # one fused pass; maps are finite and non-negative
+            flat.masked_fill_(flat <= threshold, 0)
         else:
             below = flat < threshold
             equal = flat == threshold
             still_needed = count - torch.count_nonzero(below, dim=1).unsqueeze(1)
-            drop = below | (equal & (torch.cumsum(equal, dim=1) <= still_needed))
-            out = flat.masked_fill(drop, 0).view(b, n, n)
-    if protect == "entry0":
-        out[:, 0, 0] = attn[:, 0, 0]
+            flat.masked_fill_(below | (equal & (torch.cumsum(equal, dim=1) <= still_needed)), 0)
+    if entry0 is not None:
+        out[:, 0, 0] = entry0
     return out
 
 
@@ -175,6 +198,14 @@ def discard_lowest(attn: Tensor, ratio: float, protect: str = "entry0") -> Tenso
 
     Returns:
         A new ``[B,N,N]`` tensor (the input is not modified).
+
+    Examples:
+        >>> discard_lowest(torch.tensor([[[0.4, 0.1], [0.2, 0.3]]]), 0.5)  # floor(0.5 * 4) = 2 entries go
+        tensor([[[0.4000, 0.0000],
+                 [0.0000, 0.3000]]])
+        >>> discard_lowest(torch.tensor([[[0.1, 0.4], [0.2, 0.3]]]), 0.25)  # the smallest is entry (0, 0): kept
+        tensor([[[0.1000, 0.4000],
+                 [0.2000, 0.3000]]])
     """
     check_maps(attn, allow_heads=False)
     ratio = _check_ratio(ratio, "ratio")
@@ -191,6 +222,11 @@ def residual_normalize(attn: Tensor) -> Tensor:
 
     Returns:
         ``[B,N,N]`` row-stochastic map in the input dtype.
+
+    Examples:
+        >>> residual_normalize(torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]))
+        tensor([[[0.5000, 0.5000],
+                 [0.0000, 1.0000]]])
     """
     check_maps(attn, allow_heads=False)
     eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
@@ -265,7 +301,7 @@ def _prepared_layer(attn: Tensor, ratio: float, head_fusion: str, protect: str) 
     if not (bool(low >= 0) and bool(high < float("inf"))):
         _check_finite(a, "attentions")
         raise ValueError("attentions must be non-negative (softmax probabilities)")
-    a = _discarded(a, ratio, protect)
+    a = _discarded(a, ratio, protect, inplace=a is not attn)  # the fused map is our own buffer
     return a, a.sum(dim=-1) + 1
 
 
@@ -338,6 +374,14 @@ def layer_statistic(attentions: Sequence[Tensor], stat: str, query: int | Tensor
 
     Returns:
         ``[B,N]`` fp32 scores.
+
+    Examples:
+        >>> maps = [torch.softmax(torch.randn(2, 4, 10, 10), -1) for _ in range(3)]  # L = 3 layers of [B,H,N,N]
+        >>> layer_statistic(maps, "mean", query=0).shape
+        torch.Size([2, 10])
+        >>> eye = torch.eye(2).unsqueeze(0)  # [1,2,2]; row 0 is [1, 0] in one layer and [0, 1] in the other
+        >>> layer_statistic([eye, eye.flip(-1)], "std", query=0)
+        tensor([[0.5000, 0.5000]])
     """
     maps = _check_layer_list(attentions)
     _check_choice(stat, _STATS, "stat")
@@ -443,7 +487,21 @@ def _check_tokens_indices(tokens: Tensor, indices: Tensor) -> None:
 
 
 def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
-    """Gather selected tokens: ``[B,N,D], [B,k] -> [B,k,D]``, differentiable with respect to ``tokens``."""
+    """Gather selected tokens: ``[B,N,D], [B,k] -> [B,k,D]``, differentiable with respect to ``tokens``.
+
+    Args:
+        tokens: ``[B,N,D]`` token features.
+        indices: ``[B,k]`` int64 (or int32) positions in ``[0, N)``.
+
+    Returns:
+        ``[B,k,D]`` with ``out[b, j] = tokens[b, indices[b, j]]``.
+
+    Examples:
+        >>> tokens = torch.arange(12.0).view(1, 4, 3)  # [B=1, N=4, D=3]
+        >>> gather_tokens(tokens, torch.tensor([[2, 0]]))
+        tensor([[[6., 7., 8.],
+                 [0., 1., 2.]]])
+    """
     _check_tokens_indices(tokens, indices)
     index = indices.long().unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
     return torch.gather(tokens, 1, index)
@@ -453,6 +511,18 @@ def masked_max_pool(tokens: Tensor, mask: Tensor) -> Tensor:
     """Max over the tokens where ``mask`` is True (the published code's pooling): ``[B,k,D], [B,k] -> [B,D]``.
 
     Padded positions never influence the result. Every sample needs at least one True entry.
+
+    Args:
+        tokens: ``[B,k,D]`` token features.
+        mask: bool ``[B,k]``, True where a token counts.
+
+    Returns:
+        ``[B,D]`` channel-wise maxima over the valid tokens, in the dtype of ``tokens``.
+
+    Examples:
+        >>> tokens = torch.tensor([[[1.0, 5.0], [3.0, 2.0], [9.0, 9.0]]])  # [B=1, k=3, D=2]
+        >>> masked_max_pool(tokens, torch.tensor([[True, True, False]]))
+        tensor([[3., 5.]])
     """
     _check_tensor(tokens, "tokens")
     if tokens.dim() != 3:
@@ -488,7 +558,17 @@ def attention_probs(
             ``[B,H,R,Nk]``), computing nothing for the others.
 
     Returns:
-        fp32 probabilities; a fully blocked row gives zeros.
+        fp32 probabilities ``[B,Nq,Nk]`` (fused) or ``[B,H,Nq,Nk]`` (``head_fusion=None``), with ``R`` in place of
+        ``Nq`` when ``query_rows`` is given; a fully blocked row gives zeros.
+
+    Examples:
+        >>> q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)  # [B,H,N,d]
+        >>> attention_probs(q, k, scale=8**-0.5).shape
+        torch.Size([2, 6, 6])
+        >>> attention_probs(q, k, scale=8**-0.5, head_fusion=None, query_rows=torch.tensor([0])).shape
+        torch.Size([2, 4, 1, 6])
+        >>> attention_probs(q, k, scale=8**-0.5, causal=True)[0, 0]  # the first query sees only itself
+        tensor([1., 0., 0., 0., 0., 0.])
     """
     for t, name in ((q, "q"), (k, "k")):
         _check_tensor(t, name)

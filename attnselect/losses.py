@@ -89,6 +89,11 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
 
     Returns:
         ``[sum_r n_r, ...]``.
+
+    Examples:
+        >>> x = torch.randn(3, 4)
+        >>> all_gather_with_grad(x) is x  # one process: nothing to gather
+        True
     """
     if not _dist_ready() or torch.distributed.get_world_size() == 1:
         return tensor
@@ -192,6 +197,14 @@ def tal_loss(
 
     Returns:
         A scalar fp32 tensor, or ``[B]`` (``[B_global]`` with ``gather``) for ``reduction="none"``.
+
+    Examples:
+        >>> v, t = torch.randn(4, 16), torch.randn(4, 16)  # [B,D]
+        >>> pids = torch.tensor([0, 0, 1, 2])
+        >>> tal_loss(v, t, pids).shape, tal_loss(v, t, pids, reduction="none").shape
+        (torch.Size([]), torch.Size([4]))
+        >>> tal_loss(torch.eye(4), torch.eye(4), torch.arange(4))  # aligned pairs, orthogonal negatives
+        tensor(0.)
     """
     _check_pair(image_features, text_features, pids, "tal_loss")
     if tau <= 0:
@@ -235,6 +248,13 @@ def id_loss(
 
     Returns:
         Scalar fp32 tensor.
+
+    Examples:
+        >>> logits = torch.zeros(4, 10)  # [B,C']: uniform predictions, CE = log(10) per modality
+        >>> id_loss(logits, logits, torch.tensor([0, 1, 2, 3]))
+        tensor(4.6052)
+        >>> id_loss(logits, logits, torch.tensor([0, 1, 2, 3]), combine="mean")
+        tensor(2.3026)
     """
     for name, t in (("image_logits", image_logits), ("text_logits", text_logits)):
         if not isinstance(t, Tensor) or t.dim() != 2 or not t.is_floating_point():
@@ -297,6 +317,12 @@ def sdm_loss(
 
     Returns:
         Scalar fp32 tensor.
+
+    Examples:
+        >>> v, t = torch.randn(4, 16), torch.randn(4, 16)  # [B,D]
+        >>> loss = sdm_loss(v, t, torch.tensor([0, 0, 1, 2]))
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
     """
     _check_pair(image_features, text_features, pids, "sdm_loss")
     if image_ids is not None:
@@ -335,6 +361,12 @@ class CIDOutput:
         id_loss: scalar, ``CE(W_id v, y) + CE(W_id t, y)`` (0 when the module was built with ``use_id=False``).
         image_negatives: ``[B]`` index of the hardest negative image of each text (-1: none in the batch).
         text_negatives: ``[B]`` index of the hardest negative text of each image (-1: none in the batch).
+
+    Examples:
+        >>> pids = torch.tensor([0, 0, 1, 2])
+        >>> out = CIDLoss(dim=16, num_classes=3)(torch.randn(4, 16), torch.randn(4, 16), pids)
+        >>> out.image_negatives.shape, bool((pids[out.image_negatives] != pids).all())  # never the same identity
+        (torch.Size([4]), True)
     """
 
     pair_loss: Tensor
@@ -388,6 +420,12 @@ class CIDLoss(nn.Module):
 
     Forward:
         ``forward(image_features [B, D], text_features [B, D], pids [B]) -> CIDOutput``.
+
+    Examples:
+        >>> cid = CIDLoss(dim=16, num_classes=5)
+        >>> out = cid(torch.randn(4, 16), torch.randn(4, 16), torch.tensor([0, 0, 1, 2]))  # [B,D], [B,D], [B]
+        >>> out.pair_loss.shape, out.id_loss.shape, out.text_negatives.shape
+        (torch.Size([]), torch.Size([]), torch.Size([4]))
     """
 
     def __init__(

@@ -38,7 +38,19 @@ def _as_tensor(x, name: str) -> Tensor:
 
 
 def rsum(metrics: dict[str, float], ks: Sequence[int] = (1, 5, 10)) -> float:
-    """``R@1 + R@5 + R@10`` (or the sum over ``ks``) of a :func:`retrieval_metrics` result."""
+    """``R@1 + R@5 + R@10`` (or the sum over ``ks``) of a :func:`retrieval_metrics` result.
+
+    Args:
+        metrics: a dict holding ``"R{k}"`` for every ``k`` in ``ks``.
+        ks: the cut-offs to add up.
+
+    Returns:
+        The sum, a Python float (percent points).
+
+    Examples:
+        >>> rsum({"R1": 50.0, "R5": 80.0, "R10": 90.0})
+        220.0
+    """
     return float(sum(metrics[f"R{k}"] for k in ks))
 
 
@@ -67,6 +79,12 @@ def retrieval_metrics(
     Returns:
         ``{"R1": ..., "R5": ..., "R10": ..., "mAP": ..., "mINP": ..., "rsum": ..., "num_queries": Q_used,
         "num_skipped": n}``, metrics as Python floats in percent (keys ``R{k}`` follow ``ks``).
+
+    Examples:
+        >>> sim = torch.tensor([[0.9, 0.1, 0.3], [0.8, 0.4, 0.2]])  # [Q=2, G=3]
+        >>> m = retrieval_metrics(sim, torch.tensor([0, 1]), torch.tensor([0, 1, 1]), ks=(1, 2))
+        >>> {key: round(value, 2) for key, value in m.items()}
+        {'R1': 50.0, 'R2': 100.0, 'mAP': 79.17, 'mINP': 83.33, 'rsum': 150.0, 'num_queries': 2, 'num_skipped': 0}
     """
     similarity = _as_tensor(similarity, "similarity")
     query_ids = _as_tensor(query_ids, "query_ids")

@@ -104,7 +104,20 @@ class GPOPool(nn.Module):
 
 
 def build_pool(pool: str | nn.Module | None) -> nn.Module | None:
-    """``"max"`` -> :class:`MaxPool`, ``"gpo"`` -> :class:`GPOPool`, a module passes through, None stays None."""
+    """``"max"`` -> :class:`MaxPool`, ``"gpo"`` -> :class:`GPOPool`, a module passes through, None stays None.
+
+    Args:
+        pool: ``"max"``, ``"gpo"``, an ``nn.Module`` taking ``(tokens [B,K,D], mask [B,K])`` or None.
+
+    Returns:
+        The pooling module (``[B,K,D], [B,K] -> [B,D]``), or None.
+
+    Examples:
+        >>> build_pool("max")
+        MaxPool()
+        >>> build_pool(None) is None
+        True
+    """
     if pool is None or isinstance(pool, nn.Module):
         return pool
     if pool == "max":

@@ -72,7 +72,17 @@ DATASET_NAMES = {"synthetic": "CUHK-PEDES", "cuhk": "CUHK-PEDES", "icfg": "ICFG-
 
 @dataclass
 class TrainConfig:
-    """A training / evaluation run. Defaults follow the published ITSELF recipe (section 7 of the reference)."""
+    """A training / evaluation run. Defaults follow the published ITSELF recipe (section 7 of the reference).
+
+    Every field is also a command-line flag (``--batch-size``, ``--lr``, ...; see :func:`parse_args`).
+
+    Examples:
+        >>> cfg = TrainConfig(dataset="rstp", root="data", epochs=10)
+        >>> cfg.batch_size, cfg.optimizer, cfg.model.image_size
+        (256, 'adam', (384, 128))
+        >>> TrainConfig(**cfg.to_dict()) == cfg  # round-trips through JSON-friendly dicts
+        True
+    """
 
     model: ITSELFConfig = field(default_factory=ITSELFConfig)  # the model (num_classes is set from the data)
     # --- data ---
@@ -272,7 +282,21 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 def parse_args(
     argv: Sequence[str] | None = None, *, prog: str = "train_itself"
 ) -> tuple[TrainConfig, argparse.Namespace]:
-    """Parse flags (and the ``--config`` file) into a :class:`TrainConfig`; also returns the raw namespace."""
+    """Parse flags (and the ``--config`` file) into a :class:`TrainConfig`; also returns the raw namespace.
+
+    Args:
+        argv: the flags (default ``sys.argv[1:]``); one per :class:`TrainConfig` and
+            :class:`~attnselect.models.ITSELFConfig` field, plus ``--config``, ``--demo``, ``--eval-only``, ``--out``.
+        prog: program name for the help text.
+
+    Returns:
+        ``(config, namespace)``; values come from the defaults, then the ``--config`` file, then the flags.
+
+    Examples:
+        >>> cfg, ns = parse_args(["--epochs", "3", "--lr", "2e-5", "--selection", "consistent"])
+        >>> cfg.epochs, cfg.lr, cfg.model.selection, ns.demo
+        (3, 2e-05, 'consistent', False)
+    """
     parser = build_parser(prog)
     ns = parser.parse_args(argv)
     base: dict[str, Any] = demo_config(seconds=ns.demo_seconds).to_dict() if ns.demo else {}
@@ -475,6 +499,20 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     names containing ``bias`` get ``lr * bias_lr_factor`` and ``bias_weight_decay``; names containing
     ``classifier`` get ``lr * classifier_lr_factor``; parameters of the banks (adapters, GPO) get ``adapter_lr``.
     Parameters with equal settings share a group (``group["name"]`` says which rule made it).
+
+    Args:
+        model: the model (an :class:`~attnselect.models.ITSELF`, or any module).
+        config: the run configuration.
+
+    Returns:
+        ``torch.optim.Adam`` (or ``AdamW`` with ``optimizer="adamw"``).
+
+    Examples:
+        >>> from torch import nn
+        >>> model = nn.ModuleDict({"encoder": nn.Linear(4, 4), "classifier": nn.Linear(4, 2)})
+        >>> opt = build_optimizer(model, TrainConfig(lr=1e-5))
+        >>> sorted((g["name"], g["lr"]) for g in opt.param_groups)
+        [('base', 1e-05), ('bias', 2e-05), ('classifier_base', 5e-05), ('classifier_bias', 5e-05)]
     """
     groups: dict[tuple[str, float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -496,7 +534,20 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 
 def lr_factor(epoch: int, config: TrainConfig) -> float:
-    """LR multiplier of epoch ``epoch`` (0-based): linear warm-up from ``warmup_factor``, then cosine to 0."""
+    """LR multiplier of epoch ``epoch`` (0-based): linear warm-up from ``warmup_factor``, then cosine to 0.
+
+    Args:
+        epoch: the epoch index, from 0.
+        config: reads ``epochs``, ``warmup_epochs``, ``warmup_factor`` and ``lr_schedule``.
+
+    Returns:
+        The factor applied to every group's learning rate.
+
+    Examples:
+        >>> cfg = TrainConfig(epochs=60, warmup_epochs=5, warmup_factor=0.1)
+        >>> [round(lr_factor(e, cfg), 3) for e in (0, 1, 5, 60)]
+        [0.1, 0.28, 1.0, 0.0]
+    """
     w = config.warmup_epochs
     if epoch < w:
         a = epoch / w
@@ -518,9 +569,22 @@ def _core(model: nn.Module) -> ITSELF:
 def encode_split(model: ITSELF, split: dict, config: TrainConfig, device: torch.device) -> dict[str, Tensor | None]:
     """Embeddings of an evaluation split (all images and all captions), on the CPU in fp32.
 
+    Args:
+        model: the model (switched to eval mode for the call).
+        split: ``PedesData.val`` / ``.test``: ``{"image_pids", "img_paths", "caption_pids", "captions"}``.
+        config: reads ``eval_batch_size``, ``num_workers`` and ``precision``.
+        device: where the model runs.
+
     Returns:
         ``{"image_global" [G,E], "image_local" [G,E_local] or None, "image_pids" [G], "text_global" [Q,E],
         "text_local", "text_pids" [Q]}``.
+
+    Examples:
+        >>> cfg = tiny_config("outputs/smoke")
+        >>> data = prepare_data(cfg)  # doctest: +SKIP
+        >>> model = ITSELF(cfg.model, num_classes=data.num_classes)  # doctest: +SKIP
+        >>> encode_split(model, data.test, cfg, torch.device("cpu"))["image_global"].shape  # doctest: +SKIP
+        torch.Size([24, 64])
     """
     from .data import ImageDataset, TextDataset, build_test_transform
 
@@ -590,14 +654,43 @@ def metrics_from_features(feats: dict[str, Tensor | None], lam: float) -> dict[s
 
 
 def evaluate(model: nn.Module, split: dict, config: TrainConfig, device: torch.device) -> dict[str, dict[str, float]]:
-    """Encode ``split`` and return ``{"global": {...}, "local": {...}, "fused": {...}}`` retrieval metrics."""
+    """Encode ``split`` and return ``{"global": {...}, "local": {...}, "fused": {...}}`` retrieval metrics.
+
+    Args:
+        model: the model (or its DDP wrapper).
+        split: ``PedesData.val`` / ``.test``.
+        config: the run configuration.
+        device: where the model runs.
+
+    Returns:
+        Per score, text-to-image ``R1``, ``R5``, ``R10``, ``mAP``, ``mINP`` and ``rsum`` in percent.
+
+    Examples:
+        >>> cfg = tiny_config("outputs/smoke")
+        >>> data = prepare_data(cfg)  # doctest: +SKIP
+        >>> model = ITSELF(cfg.model, num_classes=data.num_classes)  # doctest: +SKIP
+        >>> print(format_metrics_table(evaluate(model, data.test, cfg, torch.device("cpu"))))  # doctest: +SKIP
+    """
     core = _core(model)
     feats = encode_split(core, split, config, device)
     return metrics_from_features(feats, core.config.lam)
 
 
 def format_metrics_table(results: dict[str, dict[str, float]], title: str | None = None) -> str:
-    """A plain-text table with one row per score (global / local / fused) and R@1, R@5, R@10, mAP, mINP."""
+    """A plain-text table with one row per score (global / local / fused) and R@1, R@5, R@10, mAP, mINP.
+
+    Args:
+        results: ``{score name: metrics}`` as :func:`evaluate` returns them.
+        title: an optional first line.
+
+    Returns:
+        The table as one string.
+
+    Examples:
+        >>> print(format_metrics_table({"fused": {"R1": 70.1, "R5": 87.0, "R10": 91.5, "mAP": 65.2, "mINP": 50.3}}))
+        score        R@1     R@5    R@10     mAP    mINP
+        fused      70.10   87.00   91.50   65.20   50.30
+    """
     cols = ("R1", "R5", "R10", "mAP", "mINP")
     lines = [title] if title else []
     lines.append(f"{'score':<8}" + "".join(f"{c:>8}" for c in ("R@1", "R@5", "R@10", "mAP", "mINP")))
@@ -660,6 +753,18 @@ def save_checkpoint(
 
     ``train_state.pt`` holds only tensors, numbers, strings, lists, tuples and dicts, so
     ``torch.load(path, weights_only=True)`` reads it.
+
+    Returns:
+        ``folder`` as a :class:`pathlib.Path`.
+
+    Examples:
+        >>> import tempfile
+        >>> from attnselect.models import ITSELF
+        >>> model = ITSELF(tiny_config("unused").model, num_classes=4)  # a tiny random ITSELF
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     folder = save_checkpoint(f"{tmp}/last", model, epoch=3, global_step=120)
+        ...     sorted(p.name for p in folder.iterdir())
+        ['config.json', 'model.safetensors', 'train_state.pt']
     """
     from safetensors.torch import save_file
 
@@ -712,7 +817,18 @@ def load_checkpoint(
     restore_rng: bool = True,
 ) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`: weights, ATS step, optimiser, LR schedule, scaler,
-    and this rank's RNG state. Returns the train state (``epoch`` = completed epochs, ``global_step``, ``best``)."""
+    and this rank's RNG state. Returns the train state (``epoch`` = completed epochs, ``global_step``, ``best``).
+
+    Examples:
+        >>> import tempfile
+        >>> from attnselect.models import ITSELF
+        >>> model = ITSELF(tiny_config("unused").model, num_classes=4)  # a tiny random ITSELF
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     folder = save_checkpoint(f"{tmp}/last", model, epoch=3, global_step=120)
+        ...     state = load_checkpoint(folder, ITSELF(tiny_config("unused").model, num_classes=4))
+        >>> state["epoch"], state["global_step"]
+        (3, 120)
+    """
     folder = Path(folder)
     load_model_weights(model, folder)
     state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
@@ -739,7 +855,24 @@ def load_checkpoint(
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> ITSELF:
-    """Rebuild an :class:`ITSELF` from a checkpoint folder (its ``config.json`` and ``model.safetensors``)."""
+    """Rebuild an :class:`ITSELF` from a checkpoint folder (its ``config.json`` and ``model.safetensors``).
+
+    Args:
+        folder: a folder written by :func:`save_checkpoint`.
+        device: where to put the model.
+
+    Returns:
+        The model, in eval mode, with its ATS step restored.
+
+    Examples:
+        >>> import tempfile
+        >>> from attnselect.models import ITSELF
+        >>> model = ITSELF(tiny_config("unused").model, num_classes=4)  # a tiny random ITSELF
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     restored = load_model(save_checkpoint(f"{tmp}/last", model))
+        >>> restored.training, torch.equal(restored.clip.visual.conv1.weight, model.clip.visual.conv1.weight)
+        (False, True)
+    """
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model_cfg = dict(cfg.get("model", cfg))
@@ -803,10 +936,18 @@ def _resume_folder(config: TrainConfig) -> Path | None:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) ITSELF as configured, evaluate, checkpoint. Works as one process or under torchrun.
 
+    Args:
+        config: the run configuration.
+
     Returns:
         ``{"val": last selection-split metrics, "test": final test metrics, "best": best fused R@1,
         "epochs": completed epochs, "steps": optimiser steps, "train_time_s": ..., "out_dir": ...}``
         (the metrics only on rank 0).
+
+    Examples:
+        >>> result = train(tiny_config("outputs/smoke"))  # doctest: +SKIP
+        >>> sorted(result["test"])  # doctest: +SKIP
+        ['fused', 'global', 'local']
     """
     t_start = time.time()
     if config.threads:
@@ -1016,6 +1157,19 @@ def demo_config(out_dir: str | os.PathLike = "outputs/demo", seconds: float = 12
     """The CPU demo preset: a small randomly initialised ITSELF on a freshly generated synthetic set.
 
     Tuned for about ``seconds`` of training on 2 CPU cores; ``overrides`` replace TrainConfig fields.
+
+    Args:
+        out_dir: output folder.
+        seconds: training time budget.
+        **overrides: TrainConfig fields to replace.
+
+    Returns:
+        The :class:`TrainConfig`.
+
+    Examples:
+        >>> cfg = demo_config("outputs/demo", seconds=60, epochs=5)
+        >>> cfg.time_budget_s, cfg.epochs, cfg.model.image_size, cfg.device
+        (60, 5, (96, 32), 'cpu')
     """
     model = ITSELFConfig(
         backbone=None,
@@ -1064,6 +1218,18 @@ def tiny_config(out_dir: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """A seconds-long smoke-test configuration: a 2-layer ITSELF on a small synthetic set (CPU, fp32).
 
     ``overrides`` replace TrainConfig fields; ``model`` may be a dict of ITSELFConfig fields to replace.
+
+    Args:
+        out_dir: output folder.
+        **overrides: TrainConfig fields to replace (``model`` as a dict of ITSELFConfig fields).
+
+    Returns:
+        The :class:`TrainConfig`.
+
+    Examples:
+        >>> cfg = tiny_config("outputs/smoke", epochs=1, model={"pool": "gpo"})
+        >>> cfg.epochs, cfg.model.pool, cfg.model.vision_cfg["layers"], cfg.model.image_size
+        (1, 'gpo', 2, (48, 16))
     """
     model_over = overrides.pop("model", {}) or {}
     model = ITSELFConfig(
@@ -1181,6 +1347,10 @@ def demo(
 
     Returns:
         The :func:`train` result plus ``"table"`` (the test metrics as text), ``"figure"`` and ``"chance_R1"``.
+
+    Examples:
+        >>> result = demo("outputs/demo", seconds=60)  # doctest: +SKIP
+        >>> print(result["table"])  # doctest: +SKIP
     """
     if config is None:
         config = demo_config(out_dir, seconds, **overrides)
@@ -1219,7 +1389,16 @@ def _emit(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "train_itself") -> int:
-    """Command-line entry: train (default), ``--eval-only`` or ``--demo``. Returns the exit status."""
+    """Command-line entry: train (default), ``--eval-only`` or ``--demo``. Returns the exit status.
+
+    Args:
+        argv: the flags (see :func:`parse_args`); default ``sys.argv[1:]``.
+        prog: program name for the help text.
+
+    Examples:
+        >>> main(["--dataset", "rstp", "--root", "data", "--out", "outputs/rstp"])  # doctest: +SKIP
+        0
+    """
     _setup_logging()
     config, ns = parse_args(argv, prog=prog)
     if ns.eval_only:
@@ -1259,15 +1438,30 @@ def _eval(config: TrainConfig) -> int:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """``attnselect train ...``"""
+    """``attnselect train ...``: :func:`main` under the ``attnselect`` command.
+
+    Examples:
+        >>> train_main(["--dataset", "cuhk", "--root", "data", "--epochs", "60"])  # doctest: +SKIP
+        0
+    """
     return main(argv, prog="attnselect train")
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    """``attnselect eval --resume CHECKPOINT_DIR ...``"""
+    """``attnselect eval --resume CHECKPOINT_DIR ...``: :func:`main` with ``--eval-only``.
+
+    Examples:
+        >>> eval_main(["--resume", "outputs/itself/checkpoints/last", "--dataset", "cuhk"])  # doctest: +SKIP
+        0
+    """
     return main(["--eval-only", *(argv or [])], prog="attnselect eval")
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
-    """``attnselect demo [--out DIR] [--demo-seconds S]``"""
+    """``attnselect demo [--out DIR] [--demo-seconds S]``: :func:`main` with ``--demo``.
+
+    Examples:
+        >>> demo_main(["--out", "outputs/demo", "--demo-seconds", "60"])  # doctest: +SKIP
+        0
+    """
     return main(["--demo", *(argv or [])], prog="attnselect demo")

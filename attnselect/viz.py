@@ -83,8 +83,21 @@ def infer_grid(num_patches: int, image_size: tuple[int, int] | None = None) -> t
     ``rows * cols = num_patches`` whose aspect ratio is closest to the image's is chosen (a 384x128 crop with 192
     patches gives ``(24, 8)``).
 
+    Args:
+        num_patches: patch count ``rows * cols`` (the token count N minus the prefix tokens).
+        image_size: optional ``(height, width)`` of the input image.
+
+    Returns:
+        ``(rows, cols)``.
+
     Raises:
         ValueError: when no grid fits; pass ``grid=`` explicitly then.
+
+    Examples:
+        >>> infer_grid(196)
+        (14, 14)
+        >>> infer_grid(192, image_size=(384, 128))
+        (24, 8)
     """
     if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"num_patches must be a positive int, got {num_patches!r}")
@@ -171,6 +184,11 @@ def kept_patch_mask(
 
     Returns:
         bool ``[rows, cols]`` (or ``[B, rows, cols]``), True where the patch was kept.
+
+    Examples:
+        >>> kept_patch_mask(torch.tensor([1, 4, 6]), grid=(2, 3))  # CLS at 0: tokens 1, 4, 6 are patches 0, 3, 5
+        tensor([[ True, False, False],
+                [ True, False,  True]])
     """
     rows, cols = _check_grid(grid)
     num_prefix_tokens = _check_prefix(num_prefix_tokens)
@@ -208,6 +226,12 @@ def query_row_saliency(attn: Tensor, query: int | Tensor = 0) -> Tensor:
 
     Returns:
         fp32 ``[B,N]``.
+
+    Examples:
+        >>> query_row_saliency(torch.softmax(torch.randn(2, 4, 5, 5), -1), query=0).shape  # [B,H,N,N] -> [B,N]
+        torch.Size([2, 5])
+        >>> query_row_saliency(torch.eye(3).unsqueeze(0), query=1)
+        tensor([[0., 1., 0.]])
     """
     a = _as_tensor(attn, "attn")
     if a.dim() == 4:
@@ -301,6 +325,13 @@ class SelectionCounter:
 
     Args:
         n_tokens: sequence length N.
+
+    Examples:
+        >>> counter = SelectionCounter(n_tokens=4)
+        >>> _ = counter.update(torch.tensor([[1, 2], [2, 3]]))  # [B,k] kept positions of one batch
+        >>> _ = counter.update(torch.tensor([[2, 2]]), mask=torch.tensor([[True, False]]))  # masked tail ignored
+        >>> counter.frequency()  # [N]
+        tensor([0.0000, 0.3333, 1.0000, 0.3333])
     """
 
     def __init__(self, n_tokens: int) -> None:
@@ -389,6 +420,12 @@ def token_schedule(
 
     Returns:
         ``(steps, k)`` as int64 arrays.
+
+    Examples:
+        >>> from attnselect import AdaptiveTokenScheduler
+        >>> steps, k = token_schedule(AdaptiveTokenScheduler(), 192, steps=[1, 145, 725, 1450])
+        >>> k.tolist()
+        [124, 121, 109, 96]
     """
     if not hasattr(scheduler, "num_tokens") or not hasattr(scheduler, "total_steps"):
         raise TypeError(f"scheduler must be an AdaptiveTokenScheduler, got {type(scheduler).__name__}")
@@ -412,6 +449,19 @@ def image_to_array(image: Any) -> np.ndarray:
     Accepts a PIL image, a numpy array ``[H,W]``, ``[H,W,3]`` or ``[H,W,4]`` (uint8 or float), or a tensor
     ``[3,H,W]`` / ``[1,3,H,W]`` / ``[H,W]``. Float inputs outside ``[0, 1]`` (e.g. a CLIP-normalised tensor) are
     rescaled by their own min and max so the picture stays visible.
+
+    Args:
+        image: the picture, in one of the layouts above.
+
+    Returns:
+        fp32 ``[H,W,3]`` in ``[0, 1]``.
+
+    Examples:
+        >>> arr = image_to_array(torch.rand(3, 8, 6))  # a [3,H,W] tensor
+        >>> arr.shape, arr.dtype
+        ((8, 6, 3), dtype('float32'))
+        >>> image_to_array(np.full((2, 2), 255, dtype=np.uint8))[0, 0]  # grey uint8 [H,W] -> RGB
+        array([1., 1., 1.], dtype=float32)
     """
     if hasattr(image, "convert") and hasattr(image, "size") and not isinstance(image, (Tensor, np.ndarray)):
         arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
@@ -481,7 +531,25 @@ def _new_grid_figure(n_panels: int, panel_size: tuple[float, float], max_cols: i
 
 
 def save_figure(fig: Figure, path: PathLike, *, dpi: int = 100) -> Path:
-    """Write ``fig`` as a PNG (parent folders are created) and return the path."""
+    """Write ``fig`` as a PNG (parent folders are created) and return the path.
+
+    Args:
+        fig: the figure.
+        path: the PNG file to write.
+        dpi: resolution.
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from matplotlib.figure import Figure
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = save_figure(Figure(figsize=(2, 1)), Path(tmp) / "sub" / "fig.png")
+        ...     path.name, path.stat().st_size > 0
+        ('fig.png', True)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
@@ -489,7 +557,19 @@ def save_figure(fig: Figure, path: PathLike, *, dpi: int = 100) -> Path:
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
-    """Render ``fig`` and return its pixels as a uint8 ``[H,W,4]`` RGBA array (for loggers and tests)."""
+    """Render ``fig`` and return its pixels as a uint8 ``[H,W,4]`` RGBA array (for loggers and tests).
+
+    Args:
+        fig: the figure.
+
+    Returns:
+        uint8 ``[H,W,4]``; ``H, W`` = the figure size in inches times its dpi.
+
+    Examples:
+        >>> from matplotlib.figure import Figure
+        >>> figure_to_array(Figure(figsize=(2, 1), dpi=100)).shape
+        (100, 200, 4)
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
@@ -581,7 +661,12 @@ def plot_saliency(
         save: write a PNG to this path.
 
     Returns:
-        the figure.
+        The :class:`matplotlib.figure.Figure`.
+
+    Examples:
+        >>> fig = plot_saliency(torch.rand(3, 32, 48), torch.rand(7), grid=(2, 3), title="CLS row")  # N = 1 + 2 * 3
+        >>> fig.axes[0].get_title()
+        'CLS row'
     """
     scores = _single(_as_tensor(saliency, "saliency"), "saliency", index)
     heat = patch_grid_scores(scores, grid, num_prefix_tokens).cpu().numpy()
@@ -646,6 +731,14 @@ def plot_kept_tokens(
         title: axes title (default: ``"kept k of P patches"``).
         ax: draw into this axes instead of a new figure.
         save: write a PNG to this path.
+
+    Returns:
+        The :class:`matplotlib.figure.Figure`.
+
+    Examples:
+        >>> fig = plot_kept_tokens(None, torch.tensor([1, 4, 6]), grid=(2, 3))  # [k] kept positions, CLS at 0
+        >>> fig.axes[0].get_title()
+        'kept 3 of 6 patches'
     """
     idx = _single(_as_tensor(indices, "indices"), "indices", index)
     m = None if mask is None else _single(_as_tensor(mask, "mask"), "mask", index)
@@ -676,6 +769,14 @@ def plot_attention_entropy(
         title: axes title.
         ax: draw into this axes instead of a new figure.
         save: write a PNG to this path.
+
+    Returns:
+        The :class:`matplotlib.figure.Figure`.
+
+    Examples:
+        >>> fig = plot_attention_entropy({0: 1.9, 4: 1.2, 11: 0.7}, highlight=[4, 11])
+        >>> len(fig.axes)
+        1
     """
     if not isinstance(entropy, Mapping) or not entropy:
         raise ValueError("entropy must be a non-empty mapping layer -> value (or name -> mapping)")
@@ -728,6 +829,15 @@ def plot_selection_frequency(
         title: axes title.
         ax: draw into this axes instead of a new figure.
         save: write a PNG to this path.
+
+    Returns:
+        The :class:`matplotlib.figure.Figure`.
+
+    Examples:
+        >>> freq = selection_frequency(torch.tensor([[1, 2], [2, 3]]), n_tokens=5)  # [N] = CLS + 2 x 2 patches
+        >>> fig = plot_selection_frequency(freq, grid=(2, 2))
+        >>> fig.axes[0].get_title()
+        'selection frequency'
     """
     f = _as_tensor(frequency, "frequency")
     if f.dim() != 1:
@@ -760,6 +870,15 @@ def plot_token_schedule(
         title: axes title.
         ax: draw into this axes instead of a new figure.
         save: write a PNG to this path.
+
+    Returns:
+        The :class:`matplotlib.figure.Figure`.
+
+    Examples:
+        >>> from attnselect import AdaptiveTokenScheduler
+        >>> fig = plot_token_schedule(AdaptiveTokenScheduler(total_steps=100), {"image": 192, "text": 75})
+        >>> fig.axes[0].get_title()
+        'kept tokens over training'
     """
     counts = dict(n) if isinstance(n, Mapping) else {"": n}
     fig, ax = _new_figure((4.5, 3.0), ax)
@@ -804,6 +923,15 @@ def plot_inspection(
         rollout_layers: the layers the rollout used (for the panel title).
         suptitle: figure title.
         save: write a PNG to this path.
+
+    Returns:
+        The :class:`matplotlib.figure.Figure`.
+
+    Examples:
+        >>> sal = torch.rand(1, 7)  # [B,N] = CLS + 2 x 3 patches
+        >>> fig = plot_inspection(torch.rand(3, 32, 48), {4: sal, 11: sal}, sal, torch.tensor([[1, 4, 6]]), grid=(2, 3))
+        >>> len(fig.axes) >= 4  # two layers, the rollout and the kept tokens
+        True
     """
     if not isinstance(layer_saliency, Mapping):
         raise TypeError("layer_saliency must be a mapping layer -> saliency")

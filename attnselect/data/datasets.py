@@ -19,7 +19,23 @@ logger = logging.getLogger(__name__)
 
 
 def load_image(path: str):
-    """Open an image file as an RGB ``PIL.Image`` (the file is closed before returning)."""
+    """Open an image file as an RGB ``PIL.Image`` (the file is closed before returning).
+
+    Args:
+        path: the image file.
+
+    Returns:
+        The RGB image, loaded into memory.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     Image.new("L", (4, 8)).save(os.path.join(tmp, "grey.png"))
+        ...     image = load_image(os.path.join(tmp, "grey.png"))
+        >>> image.mode, image.size
+        ('RGB', (4, 8))
+    """
     from PIL import Image
 
     with Image.open(path) as img:
@@ -42,6 +58,17 @@ class PedesTrainDataset(Dataset):
             RNG, which the DataLoader seeds per worker).
         tokenizer: object with ``encode(str) -> list[int]``; default open_clip's ``SimpleTokenizer``.
         cache_tokens: tokenise each caption once and keep the ids (cheap: 77 int64 per caption).
+
+    Examples:
+        >>> from attnselect.data import build_train_transform
+        >>> import tempfile
+        >>> from attnselect.data import generate_synthetic_pedes, read_cuhk_pedes
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     data = read_cuhk_pedes(generate_synthetic_pedes(tmp, num_ids=6, images_per_id=2, image_size=(32, 16)))
+        ...     train = PedesTrainDataset(data.train, build_train_transform((32, 16)), text_length=16)
+        ...     sample = train[0]
+        >>> len(train), sample["images"].shape, sample["caption_ids"].shape  # [3,H,W], [text_length]
+        (16, torch.Size([3, 32, 16]), torch.Size([16]))
     """
 
     def __init__(
@@ -100,6 +127,17 @@ class ImageDataset(Dataset):
         image_pids: identity per image (``PedesData.test["image_pids"]``).
         img_paths: path per image.
         transform: image transform (e.g. :func:`~attnselect.data.transforms.build_test_transform`).
+
+    Examples:
+        >>> from attnselect.data import build_test_transform
+        >>> import tempfile
+        >>> from attnselect.data import generate_synthetic_pedes, read_cuhk_pedes
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     data = read_cuhk_pedes(generate_synthetic_pedes(tmp, num_ids=6, images_per_id=2, image_size=(32, 16)))
+        ...     gallery = ImageDataset(data.test["image_pids"], data.test["img_paths"], build_test_transform((32, 16)))
+        ...     pid, image = gallery[0]
+        >>> len(gallery), image.shape  # [3,H,W]
+        (2, torch.Size([3, 32, 16]))
     """
 
     def __init__(self, image_pids: Sequence[int], img_paths: Sequence[str], transform: Callable | None = None):
@@ -130,6 +168,12 @@ class TextDataset(Dataset):
         captions: caption strings.
         text_length: token context length.
         tokenizer: object with ``encode(str) -> list[int]``; default open_clip's ``SimpleTokenizer``.
+
+    Examples:
+        >>> queries = TextDataset([7, 9], ["a man in a red coat", "a woman with a bag"], text_length=16)
+        >>> pid, ids = queries[1]
+        >>> int(pid), ids.shape  # ids: [text_length] int64
+        (9, torch.Size([16]))
     """
 
     def __init__(

@@ -36,7 +36,13 @@ logger = logging.getLogger(__name__)
 
 
 class TrainSample(NamedTuple):
-    """One training caption: identity (0-based), running image index, absolute image path, caption."""
+    """One training caption: identity (0-based), running image index, absolute image path, caption.
+
+    Examples:
+        >>> sample = TrainSample(pid=0, image_id=3, img_path="/data/imgs/a.jpg", caption="a man in red")
+        >>> sample.pid, sample.caption
+        (0, 'a man in red')
+    """
 
     pid: int
     image_id: int
@@ -59,6 +65,14 @@ class PedesData:
         val: ``{"image_pids", "img_paths", "caption_pids", "captions"}`` (may be empty).
         test: same keys as ``val``.
         num_classes: number of training identities C.
+
+    Examples:
+        >>> import tempfile
+        >>> from attnselect.data import generate_synthetic_pedes, read_cuhk_pedes
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     data = read_cuhk_pedes(generate_synthetic_pedes(tmp, num_ids=6, images_per_id=2, image_size=(32, 16)))
+        >>> data.name, data.num_classes, len(data.train), sorted(data.test)
+        ('CUHK-PEDES', 4, 16, ['caption_pids', 'captions', 'image_pids', 'img_paths'])
     """
 
     name: str
@@ -203,22 +217,99 @@ def read_cuhk_pedes(root: str | os.PathLike, *, check_files: bool = False) -> Pe
     """CUHK-PEDES: ``CUHK-PEDES/reid_raw.json`` (keys split, captions, file_path, id 1-based), ``imgs/``.
 
     Training ids are shifted to 0-based (``id - 1``); val/test ids are kept as stored.
+
+    Args:
+        root: the data root (holding ``CUHK-PEDES/``) or the dataset folder itself.
+        check_files: raise ``FileNotFoundError`` when an image listed in the annotations is missing.
+
+    Returns:
+        The :class:`PedesData`.
+
+    Examples:
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> records = [{"split": "train", "id": 1, "file_path": "a.jpg", "captions": ["a man in red"]},
+        ...            {"split": "test", "id": 5, "file_path": "b.jpg", "captions": ["a woman", "a lady"]}]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     (Path(tmp) / "CUHK-PEDES").mkdir()
+        ...     _ = (Path(tmp) / "CUHK-PEDES" / "reid_raw.json").write_text(json.dumps(records))
+        ...     data = read_cuhk_pedes(tmp)
+        >>> data.num_classes, data.train[0].pid, data.test["caption_pids"]
+        (1, 0, [5, 5])
     """
     return _read("CUHK-PEDES", root, check_files)
 
 
 def read_icfg_pedes(root: str | os.PathLike, *, check_files: bool = False) -> PedesData:
-    """ICFG-PEDES: ``ICFG-PEDES/ICFG-PEDES.json`` (keys split, captions, file_path, id 0-based), ``imgs/``."""
+    """ICFG-PEDES: ``ICFG-PEDES/ICFG-PEDES.json`` (keys split, captions, file_path, id 0-based), ``imgs/``.
+
+    Args:
+        root: the data root (holding ``ICFG-PEDES/``) or the dataset folder itself.
+        check_files: raise ``FileNotFoundError`` when an image listed in the annotations is missing.
+
+    Returns:
+        The :class:`PedesData`.
+
+    Examples:
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> records = [{"split": "train", "id": 0, "file_path": "a.jpg", "captions": ["a man in red"]},
+        ...            {"split": "test", "id": 5, "file_path": "b.jpg", "captions": ["a woman", "a lady"]}]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     (Path(tmp) / "ICFG-PEDES").mkdir()
+        ...     _ = (Path(tmp) / "ICFG-PEDES" / "ICFG-PEDES.json").write_text(json.dumps(records))
+        ...     data = read_icfg_pedes(tmp)
+        >>> data.num_classes, data.train[0].pid, data.test["caption_pids"]
+        (1, 0, [5, 5])
+    """
     return _read("ICFG-PEDES", root, check_files)
 
 
 def read_rstpreid(root: str | os.PathLike, *, check_files: bool = False) -> PedesData:
-    """RSTPReid: ``RSTPReid/data_captions.json`` (keys split, captions, img_path, id 0-based), ``imgs/``."""
+    """RSTPReid: ``RSTPReid/data_captions.json`` (keys split, captions, img_path, id 0-based), ``imgs/``.
+
+    Args:
+        root: the data root (holding ``RSTPReid/``) or the dataset folder itself.
+        check_files: raise ``FileNotFoundError`` when an image listed in the annotations is missing.
+
+    Returns:
+        The :class:`PedesData`.
+
+    Examples:
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> records = [{"split": "train", "id": 0, "img_path": "a.jpg", "captions": ["a man in red"]},
+        ...            {"split": "test", "id": 5, "img_path": "b.jpg", "captions": ["a woman", "a lady"]}]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     (Path(tmp) / "RSTPReid").mkdir()
+        ...     _ = (Path(tmp) / "RSTPReid" / "data_captions.json").write_text(json.dumps(records))
+        ...     data = read_rstpreid(tmp)
+        >>> data.num_classes, data.train[0].pid, data.test["caption_pids"]
+        (1, 0, [5, 5])
+    """
     return _read("RSTPReid", root, check_files)
 
 
 def load_pedes(name: str, root: str | os.PathLike, *, check_files: bool = False) -> PedesData:
-    """Read a dataset by name (``CUHK-PEDES``, ``ICFG-PEDES``, ``RSTPReid``; case-insensitive short forms too)."""
+    """Read a dataset by name (``CUHK-PEDES``, ``ICFG-PEDES``, ``RSTPReid``; case-insensitive short forms too).
+
+    Args:
+        name: the dataset name, e.g. ``"CUHK-PEDES"``, ``"cuhk"``, ``"icfg"``, ``"rstp"``.
+        root: the data root.
+        check_files: raise ``FileNotFoundError`` when an image listed in the annotations is missing.
+
+    Returns:
+        The :class:`PedesData`.
+
+    Examples:
+        >>> import tempfile
+        >>> from attnselect.data import generate_synthetic_pedes
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     root = generate_synthetic_pedes(tmp, num_ids=6, images_per_id=2, image_size=(32, 16))
+        ...     data = load_pedes("cuhk", root)
+        >>> data.name
+        'CUHK-PEDES'
+    """
     key = _ALIASES.get(name.lower().replace("_", "-"), name)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")

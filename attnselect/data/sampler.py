@@ -55,6 +55,14 @@ class RandomIdentitySampler(Sampler[int]):
         seed: base seed of the epoch plans.
         num_replicas: number of DDP ranks (default: the world size if ``torch.distributed`` is initialised, else 1).
         rank: this rank (default: from ``torch.distributed``, else 0).
+
+    Examples:
+        >>> pids = [0, 0, 1, 1, 2, 2, 3, 3]  # identity of each dataset index
+        >>> order = list(RandomIdentitySampler(pids, batch_size=4, num_instances=2, seed=0))
+        >>> sorted(order)  # every index once in this epoch
+        [0, 1, 2, 3, 4, 5, 6, 7]
+        >>> all(len({pids[i] for i in order[j : j + 4]}) == 2 for j in (0, 4))  # 2 identities x 2 per batch
+        True
     """
 
     def __init__(

@@ -70,7 +70,14 @@ BAG_TYPES = [None, "backpack", "handbag"]
 
 @dataclass(frozen=True)
 class PersonAttributes:
-    """The attributes that define one synthetic identity (all but ``skin`` appear in the captions)."""
+    """The attributes that define one synthetic identity (all but ``skin`` appear in the captions).
+
+    Examples:
+        >>> a = PersonAttributes("black", "short", None, "red", "striped", "white", "long", "trousers", "blue",
+        ...                      "white", "backpack", "black", "left", 0)
+        >>> a.upper_colour, a.bag
+        ('red', 'backpack')
+    """
 
     hair_colour: str
     hair_length: str  # "short" | "long"
@@ -156,6 +163,20 @@ def sample_identities(
 
     About ``twin_fraction`` of them are near-twins of the previous identity (same group) differing in one small
     detail only.
+
+    Args:
+        num_ids: number of identities.
+        rng: numpy random generator.
+        twin_fraction: probability that an identity is a near-twin of the previous one.
+
+    Returns:
+        ``[(group, PersonAttributes), ...]``, groups numbered from 0 in order.
+
+    Examples:
+        >>> import numpy as np
+        >>> people = sample_identities(5, np.random.default_rng(0))
+        >>> len(people), people[0][0], len({attrs.key() for _, attrs in people})  # all described differently
+        (5, 0, 5)
     """
     seen: set[tuple] = set()
     out: list[tuple[int, PersonAttributes]] = []
@@ -211,6 +232,13 @@ def render_person(attrs: PersonAttributes, rng: np.random.Generator, image_size:
         attrs: the identity.
         rng: numpy random generator (all randomness of the image comes from it).
         image_size: ``(H, W)`` of the output.
+
+    Examples:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> image = render_person(sample_identities(1, rng)[0][1], rng, image_size=(64, 24))
+        >>> image.mode, image.size  # PIL size is (W, H)
+        ('RGB', (24, 64))
     """
     from PIL import Image, ImageDraw
 
@@ -428,7 +456,23 @@ def _hat_sentence(a: PersonAttributes, rng: np.random.Generator, pron: str) -> s
 
 
 def describe_person(a: PersonAttributes, rng: np.random.Generator) -> str:
-    """One caption mentioning every described attribute, with random wording and sentence order."""
+    """One caption mentioning every described attribute, with random wording and sentence order.
+
+    Args:
+        a: the identity.
+        rng: numpy random generator (wording and order).
+
+    Returns:
+        The caption.
+
+    Examples:
+        >>> import numpy as np
+        >>> a = PersonAttributes("black", "short", None, "red", "plain", "white", "long", "trousers", "blue",
+        ...                      "white", None, None, "left", 0)
+        >>> caption = describe_person(a, np.random.default_rng(0))
+        >>> "short black hair" in caption, "blue trousers" in caption
+        (True, True)
+    """
     subject = _choice(rng, _SUBJECTS)
     hair = f"{a.hair_length} {a.hair_colour} hair"
     upper, lower, shoes = _upper_phrase(a, rng), _lower_phrase(a, rng), _shoe_phrase(a, rng)
@@ -500,6 +544,14 @@ def generate_synthetic_pedes(
 
     Returns:
         ``Path(root)``, ready for ``read_cuhk_pedes(root)``.
+
+    Examples:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     root = generate_synthetic_pedes(tmp, num_ids=6, images_per_id=2, image_size=(32, 16))
+        ...     files = sorted(p.name for p in (root / "CUHK-PEDES").iterdir())
+        >>> files
+        ['imgs', 'reid_raw.json', 'synthetic.json']
     """
     if num_ids < 3:
         raise ValueError(f"generate_synthetic_pedes: num_ids must be >= 3 (one per split), got {num_ids}")
@@ -589,6 +641,14 @@ def synthetic_pedes_root(root: str | os.PathLike | None = None, **kwargs) -> Pat
 
     Returns:
         The data root, to pass to ``read_cuhk_pedes`` / ``load_pedes("CUHK-PEDES", root)``.
+
+    Examples:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     first = synthetic_pedes_root(tmp, num_ids=6, images_per_id=2, image_size=(32, 16))
+        ...     again = synthetic_pedes_root(tmp, num_ids=6, images_per_id=2, image_size=(32, 16))  # reused as is
+        ...     (first == again, (first / "CUHK-PEDES" / "reid_raw.json").is_file())
+        (True, True)
     """
     root = Path(root).expanduser() if root is not None else Path(tempfile.gettempdir()) / "attnselect_synthetic_pedes"
     marker = root / "CUHK-PEDES" / _MARKER

@@ -62,6 +62,13 @@ def tokenize(
 
     Returns:
         ``[text_length]`` int64 for one caption, ``[n, text_length]`` for a list.
+
+    Examples:
+        >>> ids = tokenize("a man in a red shirt", text_length=16)
+        >>> ids.shape, int(ids[0]), int(ids.argmax())  # SOS first; EOS (the largest id) right after the 6 words
+        (torch.Size([16]), 49406, 7)
+        >>> tokenize(["a man", "a woman in a red coat"], text_length=16).shape
+        torch.Size([2, 16])
     """
     if text_length < 2:
         raise ValueError(f"tokenize: text_length must be >= 2 (SOS and EOS), got {text_length}")
@@ -112,6 +119,13 @@ def augment_tokens(
 
     Returns:
         ``[T]`` int64, a new tensor.
+
+    Examples:
+        >>> ids = torch.tensor([49406, 320, 786, 530, 320, 736, 2523, 49407, 0, 0])  # [T]: SOS, 6 words, EOS, padding
+        >>> augment_tokens(ids, prob=1.0, mask_prob=1.0, replace_prob=0.0).tolist()  # every word becomes <|mask|>
+        [49406, 49405, 49405, 49405, 49405, 49405, 49405, 49407, 0, 0]
+        >>> augment_tokens(ids, generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([10])
     """
     if ids.dim() != 1 or ids.is_floating_point():
         raise ValueError(f"augment_tokens: ids must be a 1-D integer tensor [T], got {ids.dtype} {tuple(ids.shape)}")

@@ -34,6 +34,14 @@ def build_test_transform(image_size: int | Sequence[int] = (384, 128), mean=CLIP
         image_size: ``(H, W)``; the reference uses (384, 128).
         mean: normalisation mean (CLIP's by default).
         std: normalisation std (CLIP's by default).
+
+    Returns:
+        A callable ``PIL.Image -> [3,H,W]`` fp32 tensor.
+
+    Examples:
+        >>> from PIL import Image
+        >>> build_test_transform((32, 16))(Image.new("RGB", (48, 96))).shape  # PIL (W, H) -> [3,H,W]
+        torch.Size([3, 32, 16])
     """
     T = _tv()
     return T.Compose([T.Resize(_size(image_size)), T.ToTensor(), T.Normalize(mean, std)])
@@ -62,6 +70,14 @@ def build_train_transform(
         erasing_prob: probability of random erasing.
         mean: normalisation mean and erasing value.
         std: normalisation std.
+
+    Returns:
+        A callable ``PIL.Image -> [3,H,W]`` fp32 tensor (random at every call when ``augment``).
+
+    Examples:
+        >>> from PIL import Image
+        >>> build_train_transform((32, 16), padding=2)(Image.new("RGB", (48, 96))).shape
+        torch.Size([3, 32, 16])
     """
     if not augment:
         return build_test_transform(image_size, mean, std)

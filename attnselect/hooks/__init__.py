@@ -4,7 +4,7 @@ One adapter per attention-module type, chosen by type through the dispatch table
 (``nn.MultiheadAttention``, timm ``Attention``, open_clip ``Attention``, transformers ``q_proj``/``k_proj`` and the
 4.x ``query``/``key`` layout). Host libraries are never imported here: types are recognised by name.
 
-Example:
+Examples:
     >>> import attnselect as asel
     >>> cap = asel.hooks.capture_attention(model, ("middle", "late"))  # doctest: +SKIP
     >>> _ = model(images)                                              # doctest: +SKIP

@@ -45,6 +45,12 @@ class QK:
         scale: multiplier of ``q k^T``.
         bias: additive float mask broadcastable to ``[B,H,Nq,Nk]``, or None.
         causal: block keys after the query position.
+
+    Examples:
+        >>> from attnselect.functional import attention_probs
+        >>> qk = QK(q=torch.randn(1, 2, 5, 8), k=torch.randn(1, 2, 5, 8), scale=8**-0.5, causal=True)
+        >>> attention_probs(qk.q, qk.k, scale=qk.scale, bias=qk.bias, causal=qk.causal).shape  # [B,Nq,Nk]
+        torch.Size([1, 5, 5])
     """
 
     q: Tensor
@@ -122,7 +128,23 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 
 class AttentionAdapter:
-    """Rebuilds ``QK`` for one attention-module type. Subclasses set ``name`` and implement the three methods."""
+    """Rebuilds ``QK`` for one attention-module type. Subclasses set ``name`` and implement the three methods.
+
+    ``qk`` returns queries ``[B,H,Nq,d]`` and keys ``[B,H,Nk,d]`` as the module computed them, plus its logit scale
+    and mask (see :class:`QK`).
+
+    Examples:
+        >>> from torch import nn
+        >>> from attnselect.hooks import adapter_for
+        >>> mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        >>> adapter = adapter_for(mha)
+        >>> issubclass(adapter, AttentionAdapter), adapter.name
+        (True, 'torch.nn.MultiheadAttention')
+        >>> x = torch.randn(3, 5, 16)  # [B,N,D]
+        >>> qk = adapter.qk(mha, (x, x, x), {})
+        >>> qk.q.shape, qk.k.shape  # [B,H,N,d]
+        (torch.Size([3, 2, 5, 8]), torch.Size([3, 2, 5, 8]))
+    """
 
     name: str = "attention"
 
@@ -218,6 +240,14 @@ class TowerSpec:
         sos_index: position of the text start token, or None.
         patch_size: ``(ph, pw)`` for images.
         aux_hooks: extra forward hooks ``(module, fn(capture, output))`` that stash state for ``read_tokens``.
+
+    Examples:
+        >>> from torch import nn
+        >>> from attnselect.hooks import resolve_tower
+        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, batch_first=True), num_layers=3)
+        >>> spec = resolve_tower(enc)  # not an HF / open_clip / timm host: a generic stack of attention blocks
+        >>> spec.family, spec.tower, spec.modality
+        ('generic', 'vision', 'image')
     """
 
     family: str

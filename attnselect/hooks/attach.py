@@ -33,6 +33,17 @@ class AttachHandle:
         bank: the attached bank; ``bank.last`` holds the :class:`attnselect.BankOutput` of the latest forward.
         capture: the :class:`attnselect.hooks.AttentionCapture` feeding it (maps, tokens, layout metadata).
         tower: ``"vision"`` or ``"text"``.
+
+    Examples:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+        >>> bank = asel.AttentiveBank(ratio=0.5)
+        >>> with bank.attach(vit) as handle:  # the hooks go when the block ends
+        ...     _ = vit(torch.randn(2, 3, 32, 32))  # 2 x 2 patches + CLS: N = 5
+        ...     handle.active, handle.capture.layers, bank.last.indices.shape
+        (True, (1, 2), torch.Size([2, 2]))
+        >>> handle.active
+        False
     """
 
     def __init__(self, bank: nn.Module, model: nn.Module, capture: AttentionCapture, query: Any, layers_given: bool):
@@ -144,6 +155,16 @@ def attach_bank(
             ``model``.
         ValueError: no layers to capture, or an image tower without class token and no ``query``.
         TypeError: ``model`` is not a known host (its final tokens cannot be located).
+
+    Examples:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+        >>> bank = asel.AttentiveBank(ratio=0.5)
+        >>> handle = attach_bank(bank, vit)
+        >>> _ = vit(torch.randn(2, 3, 32, 32))  # [B,3,H,W]; N = 5 tokens, 4 selectable
+        >>> bank.last.tokens.shape  # [B,k,D]
+        torch.Size([2, 2, 32])
+        >>> handle.remove()
     """
     spec = resolve_tower(model, tower)
     if spec.family == "generic":
@@ -187,6 +208,19 @@ def attach_bank(
 
 
 def detach_bank(bank: nn.Module) -> None:
-    """Remove every hook ``bank`` placed on host models (no-op when it is attached nowhere)."""
+    """Remove every hook ``bank`` placed on host models (no-op when it is attached nowhere).
+
+    Args:
+        bank: a bank previously passed to :func:`attach_bank` (or :meth:`attnselect.AttentiveBank.attach`).
+
+    Examples:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+        >>> bank = asel.AttentiveBank(ratio=0.5)
+        >>> handle = attach_bank(bank, vit)
+        >>> detach_bank(bank)
+        >>> handle.active
+        False
+    """
     for handle in list(getattr(bank, _BANK_ATTR, ()) or ()):
         handle.remove()

@@ -50,9 +50,22 @@ _HEAD_FUSIONS = ("mean", "max", "min")
 def adapter_for(module: nn.Module) -> type[AttentionAdapter] | None:
     """The adapter for ``module`` (None when no adapter handles it).
 
+    Args:
+        module: any module; only attention modules have an adapter.
+
+    Returns:
+        The first adapter class of :data:`ADAPTERS` whose ``matches`` accepts ``module``, or None.
+
     Raises:
         TypeError: ``module`` is a known attention type that cannot be captured (rotary attention, ToMe-patched
             attention, subclasses that override ``forward``).
+
+    Examples:
+        >>> from torch import nn
+        >>> adapter_for(nn.MultiheadAttention(16, 2)).name
+        'torch.nn.MultiheadAttention'
+        >>> adapter_for(nn.Linear(4, 4)) is None
+        True
     """
     reason = unsupported_reason(module)
     if reason is not None:
@@ -89,8 +102,21 @@ def find_attention_layers(root: nn.Module) -> list[nn.Module]:
     (its first one is the block's self-attention); pooling heads outside the stack (SigLIP's MAP head) are not
     layers. Without such a stack, every attention module in registration order.
 
+    Args:
+        root: the module to search (a whole host or one tower).
+
+    Returns:
+        One attention module per block, lowest layer first.
+
     Raises:
         TypeError: no attention module at all, naming the module types found.
+
+    Examples:
+        >>> from torch import nn
+        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, batch_first=True), num_layers=3)
+        >>> layers = find_attention_layers(enc)
+        >>> len(layers), type(layers[0]).__name__
+        (3, 'MultiheadAttention')
     """
     best: list[nn.Module] | None = None
     for container in root.modules():
@@ -130,7 +156,21 @@ def _generic_spec(model: nn.Module, tower: str | None) -> TowerSpec:
 
 
 def resolve_tower(model: nn.Module, tower: str | None = None) -> TowerSpec:
-    """Describe the tower of ``model`` to capture (HF, open_clip, timm, else a generic stack of attention blocks)."""
+    """Describe the tower of ``model`` to capture (HF, open_clip, timm, else a generic stack of attention blocks).
+
+    Args:
+        model: the host model.
+        tower: None (the default tower: vision for dual encoders), ``"vision"`` or ``"text"``.
+
+    Returns:
+        A :class:`TowerSpec` (family, layout and the modules that delimit one forward of the tower).
+
+    Examples:
+        >>> from torch import nn
+        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, batch_first=True), num_layers=3)
+        >>> resolve_tower(enc).family
+        'generic'
+    """
     if tower not in (None, "vision", "text"):
         raise ValueError(f"tower must be None, 'vision' or 'text', got {tower!r}")
     for resolver in _RESOLVERS:
@@ -162,6 +202,15 @@ class AttentionCapture:
         layers: the chosen layer indices (0-based, forward order); ``num_layers``: the host depth.
         num_prefix_tokens, cls_index, sos_index: token layout (CLS and register tokens before the patches).
         tower: ``"vision"`` or ``"text"``; ``family``: ``"hf"``, ``"open_clip"``, ``"timm"`` or ``"generic"``.
+
+    Examples:
+        >>> from torch import nn
+        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, batch_first=True), num_layers=3)
+        >>> with AttentionCapture(enc, "all", head_fusion=None) as cap:  # removes its hooks on exit
+        ...     _ = enc(torch.randn(2, 5, 16))  # [B,N,D]
+        ...     maps = dict(cap.maps)
+        >>> sorted(maps), maps[0].shape  # per head: [B,H,N,N]
+        ([0, 1, 2], torch.Size([2, 2, 5, 5]))
     """
 
     def __init__(
@@ -416,10 +465,18 @@ def capture_attention(
         TypeError: unsupported model or attention type (the message names the module types found).
         ValueError: bad ``layers``, ``head_fusion``, ``query_rows`` or ``tower``.
 
-    Example:
-        >>> cap = capture_attention(vit, ("middle", "late"))  # doctest: +SKIP
-        >>> _ = vit(images)                                   # doctest: +SKIP
-        >>> cap.maps[11].shape                                # doctest: +SKIP
-        torch.Size([8, 197, 197])
+    Examples:
+        >>> from torch import nn
+        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, batch_first=True), num_layers=3)
+        >>> cap = capture_attention(enc, ("middle", "late"))  # layers 1 and 2 of 3
+        >>> _ = enc(torch.randn(2, 5, 16))  # [B,N,D]
+        >>> sorted(cap.maps), cap.maps[2].shape  # fused over heads: [B,N,N]
+        ([1, 2], torch.Size([2, 5, 5]))
+        >>> cap.remove()
+        >>> cap = capture_attention(enc, -1, query_rows=0)  # only the query row 0 of the last layer: [B,R,N]
+        >>> _ = enc(torch.randn(2, 5, 16))
+        >>> cap.maps[2].shape
+        torch.Size([2, 1, 5])
+        >>> cap.remove()
     """
     return AttentionCapture(model, layers, head_fusion=head_fusion, query_rows=query_rows, detach=detach, tower=tower)

@@ -81,7 +81,15 @@ def _triton_import() -> tuple[bool, str]:
 
 
 def triton_available() -> bool:
-    """Whether ``import triton`` succeeds (imports Triton on first call)."""
+    """Whether ``import triton`` succeeds (imports Triton on first call).
+
+    Returns:
+        True when the ``triton`` package imports; the outcome is remembered for the process.
+
+    Examples:
+        >>> isinstance(triton_available(), bool)
+        True
+    """
     return _triton_import()[0]
 
 
@@ -123,6 +131,10 @@ def kernels_enabled(tensor: Tensor) -> bool:
     Returns:
         True for CUDA tensors when Triton imports, for CPU tensors only with ``TRITON_INTERPRET=1``, and never when
         ``ATTNSELECT_KERNELS=0``.
+
+    Examples:
+        >>> kernels_enabled(torch.empty(2, 3, device="meta"))  # no Triton path for this device
+        False
     """
     if not isinstance(tensor, Tensor):
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
@@ -137,6 +149,12 @@ def explain(tensor: Tensor | None = None) -> str:
 
     Returns:
         A one-line (tensor given) or multi-line explanation.
+
+    Examples:
+        >>> explain(torch.empty(1, device="meta"))
+        'PyTorch reference: meta tensors have no Triton kernels here: using the PyTorch reference'
+        >>> print(explain())  # doctest: +ELLIPSIS
+        cpu tensors: ...
     """
     if tensor is not None:
         ok, why = _decide(tensor)
@@ -232,6 +250,9 @@ def check_errors() -> None:
 
     Raises:
         ValueError: an earlier op call on CUDA received bad input.
+
+    Examples:
+        >>> check_errors()  # nothing pending: returns at once
     """
     while _pending:
         _raise_ready(wait=True)
@@ -397,8 +418,18 @@ def rollout(
 ) -> Tensor:
     """Multi-layer attention rollout, Triton when the gate allows, else :func:`attnselect.functional.rollout`.
 
-    Args and returns: exactly those of :func:`attnselect.functional.rollout` (``[B,N,N]``, or ``[B,N]`` with
-    ``query``; fp32). The Triton path is taken for fp32/fp16/bf16 maps that need no autograd.
+    Args and returns: exactly those of :func:`attnselect.functional.rollout` (maps ``[B,H,N,N]`` or ``[B,N,N]`` per
+    layer; result ``[B,N,N]``, or ``[B,N]`` with ``query``; fp32). The Triton path is taken for fp32/fp16/bf16 maps
+    that need no autograd.
+
+    Examples:
+        >>> from attnselect import functional
+        >>> maps = [torch.softmax(torch.randn(2, 4, 17, 17), -1) for _ in range(3)]  # L = 3 layers of [B,H,N,N]
+        >>> out = rollout(maps, query=0)
+        >>> out.shape
+        torch.Size([2, 17])
+        >>> torch.allclose(out, functional.rollout(maps, query=0), atol=1e-5)
+        True
     """
     maps = F._check_layer_list(attentions)
     use = _enabled_for(maps[0].device.type) and all(a.dtype in _KERNEL_DTYPES for a in maps) and not _grad_needed(*maps)
@@ -449,6 +480,13 @@ def select_topk_gather(
 
     Returns:
         ``(indices [B,k] int64, mask [B,k] bool, gathered [B,k,D])``.
+
+    Examples:
+        >>> tokens = torch.arange(8.0).view(1, 4, 2)  # [B=1, N=4, D=2]
+        >>> indices, mask, kept = select_topk_gather(torch.tensor([[0.1, 0.9, 0.5, 0.2]]), 2, tokens)
+        >>> indices, kept
+        (tensor([[1, 2]]), tensor([[[2., 3.],
+                 [4., 5.]]]))
     """
     F._check_tensor(scores, "scores")
     F._check_float(scores, "scores")
@@ -504,9 +542,18 @@ def attention_probs(
 ) -> Tensor:
     """Softmax attention probabilities, fused over heads, Triton when the gate allows.
 
-    Args and returns: exactly those of :func:`attnselect.functional.attention_probs`. The Triton path never
-    materialises the per-head ``[B,H,N,N]`` logits; it is taken for fp32/fp16/bf16 ``q``/``k`` with head dim <= 256
-    that need no autograd.
+    Args and returns: exactly those of :func:`attnselect.functional.attention_probs` (``q [B,H,Nq,d]``,
+    ``k [B,H,Nk,d]`` -> ``[B,Nq,Nk]`` fused or ``[B,H,Nq,Nk]``; fp32). The Triton path never materialises the
+    per-head ``[B,H,N,N]`` logits; it is taken for fp32/fp16/bf16 ``q``/``k`` with head dim <= 256 that need no
+    autograd.
+
+    Examples:
+        >>> q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)  # [B,H,N,d]
+        >>> probs = attention_probs(q, k, scale=8**-0.5)
+        >>> probs.shape
+        torch.Size([2, 6, 6])
+        >>> torch.allclose(probs.sum(-1), torch.ones(2, 6))
+        True
     """
     use = (
         isinstance(q, Tensor)

@@ -46,7 +46,13 @@ LOSSES = ("tal", "cid", "id", "sdm")
 
 @dataclass
 class ITSELFConfig:
-    """Everything that defines an :class:`ITSELF` model. Defaults reproduce the published CLIP ViT-B/16 setting."""
+    """Everything that defines an :class:`ITSELF` model. Defaults reproduce the published CLIP ViT-B/16 setting.
+
+    Examples:
+        >>> cfg = ITSELFConfig(num_classes=3701, selection="consistent")
+        >>> cfg.layers, cfg.image_size, cfg.to_dict()["losses"]
+        (('middle', 'late'), (384, 128), ['tal', 'cid', 'id'])
+    """
 
     # --- backbone (open_clip CLIP) ---
     backbone: str | None = "ViT-B-16"  # open_clip model config name; None: build only from vision_cfg / text_cfg
@@ -149,6 +155,22 @@ def build_clip(config: ITSELFConfig) -> nn.Module:
 
     The named open_clip config (``config.backbone``) gives the base; ``vision_cfg`` / ``text_cfg`` override its
     fields; ``image_size`` and ``context_length`` always win.
+
+    Args:
+        config: the model configuration (only its backbone fields are read).
+
+    Returns:
+        An open_clip ``CLIP`` (``encode_image([B,3,H,W]) -> [B,E]``, ``encode_text([B,T]) -> [B,E]``).
+
+    Examples:
+        >>> cfg = ITSELFConfig(
+        ...     backbone=None, embed_dim=32, image_size=(32, 16), context_length=16, num_classes=4, local_dim=64,
+        ...     vision_cfg={"layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        ...     text_cfg={"vocab_size": 1000, "width": 32, "heads": 2, "layers": 2},
+        ... )  # a tiny random backbone; the default is CLIP ViT-B/16
+        >>> clip = build_clip(cfg)
+        >>> clip.encode_image(torch.randn(2, 3, 32, 16)).shape  # [B,3,H,W] -> [B,E]
+        torch.Size([2, 32])
     """
     open_clip = _open_clip()
     if config.backbone is not None:
@@ -183,6 +205,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     ``module`` are unwrapped, ``module.`` prefixes stripped) and, as a last resort, a TorchScript archive such as
     the original OpenAI CLIP files (loaded with ``torch.jit.load``, which runs the archive's code: only use files you
     trust). Never downloads anything.
+
+    Args:
+        path: the local weights file.
+
+    Returns:
+        ``{name: tensor}``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     torch.save({"state_dict": {"module.fc.weight": torch.ones(2, 2)}}, os.path.join(tmp, "w.pt"))
+        ...     sd = read_state_dict(os.path.join(tmp, "w.pt"))
+        >>> list(sd)  # unwrapped, prefix stripped
+        ['fc.weight']
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -224,7 +260,13 @@ def interpolate_pos_embed(pos: Tensor, new_grid: tuple[int, int], old_grid: tupl
         old_grid: source grid; default square (``14 x 14`` for a 197-row embedding).
 
     Returns:
-        The resized embedding in the input dtype.
+        The resized embedding ``[1 + G0*G1, W]`` in the input dtype.
+
+    Examples:
+        >>> pos = torch.randn(1 + 14 * 14, 768)  # CLS row + a 14 x 14 grid (224 x 224, 16-pixel patches)
+        >>> out = interpolate_pos_embed(pos, (24, 8))  # 384 x 128 input
+        >>> out.shape, torch.equal(out[0], pos[0])
+        (torch.Size([193, 768]), True)
     """
     if pos.dim() != 2:
         raise ValueError(f"pos must have shape [1 + g0*g1, W], got {tuple(pos.shape)}")
@@ -254,8 +296,24 @@ def load_clip_weights(
     384 x 128); a longer text positional embedding is cut to the model's context length. Keys prefixed ``clip.``
     (an :class:`ITSELF` state dict) are accepted.
 
+    Args:
+        clip: the open_clip ``CLIP`` to fill (modified in place).
+        source: a local weights file (see :func:`read_state_dict`) or a state dict.
+        strict: raise when tensors are missing or unexpected.
+
     Raises:
         ValueError: when ``strict`` and tensors are missing or have shapes that cannot be adapted.
+
+    Examples:
+        >>> cfg = ITSELFConfig(
+        ...     backbone=None, embed_dim=32, image_size=(32, 16), context_length=16, num_classes=4, local_dim=64,
+        ...     vision_cfg={"layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        ...     text_cfg={"vocab_size": 1000, "width": 32, "heads": 2, "layers": 2},
+        ... )  # a tiny random backbone; the default is CLIP ViT-B/16
+        >>> clip, other = build_clip(cfg), build_clip(cfg)
+        >>> load_clip_weights(clip, other.state_dict())
+        >>> torch.equal(clip.visual.conv1.weight, other.visual.conv1.weight)
+        True
     """
     sd = dict(read_state_dict(source) if not isinstance(source, Mapping) else source)
     if any(k.startswith("clip.") for k in sd):
@@ -308,6 +366,20 @@ class ITSELF(nn.Module):
     Selection (``config.selection``): training always uses MARS over ``config.layers`` with the ATS k;
     inference uses the last layer only with ``k = int(n * eval_ratio)`` (``"reference"``, the published code) or the
     same MARS layers with the final ATS k (``"consistent"``).
+
+    Examples:
+        >>> cfg = ITSELFConfig(
+        ...     backbone=None, embed_dim=32, image_size=(32, 16), context_length=16, num_classes=4, local_dim=64,
+        ...     vision_cfg={"layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        ...     text_cfg={"vocab_size": 1000, "width": 32, "heads": 2, "layers": 2},
+        ... )  # a tiny random backbone; the default is CLIP ViT-B/16
+        >>> model = ITSELF(cfg)
+        >>> images, ids = torch.randn(2, 3, 32, 16), torch.randint(1, 999, (2, 16))  # [B,3,H,W], [B,T]
+        >>> [x.shape for x in model.encode_image(images)]  # global [B,E], local [B,E_local]
+        [torch.Size([2, 32]), torch.Size([2, 64])]
+        >>> losses = model(images, ids, torch.tensor([0, 1]))  # training mode: a dict of scalar losses
+        >>> sorted(losses)
+        ['cid_global', 'cid_local', 'id_global', 'id_local', 'loss', 'tal_global', 'tal_local']
     """
 
     def __init__(self, config: ITSELFConfig | None = None, **overrides: Any) -> None:
