@@ -153,34 +153,51 @@ def _threshold(flat: Tensor, count: int) -> tuple[Tensor, bool]:
     return threshold, straddles
 
 
-def _discarded(attn: Tensor, ratio: float, protect: str, *, inplace: bool = False) -> Tensor:
+def _straddled_drop(flat: Tensor, threshold: Tensor, count: int) -> Tensor:
+    """Bool ``[B, M]`` of the ``count`` entries to drop when entries equal to the threshold straddle the cut: all below
+    it, then those equal to it with the lowest flat indices."""
+    below = flat < threshold
+    equal = flat == threshold
+    still_needed = count - torch.count_nonzero(below, dim=1).unsqueeze(1)
+    return below | (equal & (torch.cumsum(equal, dim=1) <= still_needed))
+
+
+def _discarded(
+    attn: Tensor, ratio: float, protect: str, *, inplace: bool = False, rows: Tensor | None = None
+) -> Tensor:
     """``attn [B,N,N]`` (fp32) with the entries :func:`discard_lowest` zeroes set to zero.
 
     A new tensor, or ``attn`` itself modified when ``inplace`` (for buffers the caller owns: it saves allocating, and
-    first touching, another ``[B,N,N]`` buffer).
+    first touching, another ``[B,N,N]`` buffer). With ``rows`` (LongTensor ``[B]``) only those rows are returned,
+    ``[B,N]``: the threshold still comes from the whole matrix, but nothing else is written.
     """
     b, n, _ = attn.shape
     count = math.floor(ratio * n * n)
+    index = None if rows is None else torch.arange(b, device=attn.device)
+    if rows is not None:
+        out = attn[index, rows]  # a copy
+    else:
+        out = attn if inplace else attn.clone()
     if count == 0:
-        return attn if inplace else attn.clone()
-    out = attn if inplace else attn.clone()
-    entry0 = attn[:, 0, 0].clone() if protect == "entry0" else None
-    flat = out.view(b, n * n)
+        return out
+    entry0 = attn[:, 0, 0].clone() if protect == "entry0" else None  # before any in-place write
     if count >= n * n:
         out.zero_()
     else:
         # everything up to the count-th smallest value goes; when entries equal to it straddle the cut, the lowest
         # flat indices among them go first, so that exactly `count` entries are dropped
+        flat = attn.reshape(b, n * n)
         threshold, straddles = _threshold(flat, count)
-        if not straddles:
-            flat.masked_fill_(flat <= threshold, 0)
+        if straddles:
+            drop = _straddled_drop(flat, threshold, count).view(b, n, n)
+            out.masked_fill_(drop if rows is None else drop[index, rows], 0)
         else:
-            below = flat < threshold
-            equal = flat == threshold
-            still_needed = count - torch.count_nonzero(below, dim=1).unsqueeze(1)
-            flat.masked_fill_(below | (equal & (torch.cumsum(equal, dim=1) <= still_needed)), 0)
-    if entry0 is not None:
-        out[:, 0, 0] = entry0
+            out.masked_fill_(out <= (threshold.view(b, 1, 1) if rows is None else threshold), 0)
+    if entry0 is not None:  # flat index 0 keeps its value
+        if rows is None:
+            out[:, 0, 0] = entry0
+        else:
+            out[:, 0] = torch.where(rows == 0, entry0, out[:, 0])
     return out
 
 
@@ -292,8 +309,11 @@ def _check_query(query: int | Tensor, batch: int, n: int, device: torch.device) 
     return query
 
 
-def _prepared_layer(attn: Tensor, ratio: float, head_fusion: str, protect: str) -> tuple[Tensor, Tensor]:
-    """Head-fused, discarded fp32 map ``A_d`` and the row sums of ``A_d + I`` (so ``Â = (A_d + I) / s``)."""
+def _prepared_layer(
+    attn: Tensor, ratio: float, head_fusion: str, protect: str, rows: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Head-fused, discarded fp32 map ``A_d`` and the row sums of ``A_d + I`` (so ``Â = (A_d + I) / s``); with
+    ``rows`` only those rows of ``A_d`` (``[B,N]``) and their sums (``[B]``)."""
     if head_fusion == "min" and attn.dim() == 4:
         _check_finite(attn, "attentions")  # a minimum over heads can hide an inf
     a = _fused_fp32(attn, head_fusion)
@@ -301,7 +321,7 @@ def _prepared_layer(attn: Tensor, ratio: float, head_fusion: str, protect: str) 
     if not (bool(low >= 0) and bool(high < float("inf"))):
         _check_finite(a, "attentions")
         raise ValueError("attentions must be non-negative (softmax probabilities)")
-    a = _discarded(a, ratio, protect, inplace=a is not attn)  # the fused map is our own buffer
+    a = _discarded(a, ratio, protect, inplace=a is not attn, rows=rows)  # the fused map is our own buffer
     return a, a.sum(dim=-1) + 1
 
 
@@ -354,10 +374,12 @@ def rollout(
                 # Â @ R = ((A_d + I) @ R) / s  with s the row sums of A_d + I
                 result = (torch.bmm(a, result) + result) / sums.unsqueeze(-1)
             return result.contiguous()
-        # row-vector chain, last layer first: v <- v Â_l = ((v / s) A_d + v / s)
-        v = torch.zeros(batch, n, device=device, dtype=torch.float32)
-        v[torch.arange(batch, device=device), rows] = 1.0
-        for attn, ratio in zip(reversed(maps), reversed(ratios)):
+        # row-vector chain, last layer first. The last layer contributes only its query rows:
+        # v = e_q Â_last = (A_d[q] + e_q) / s_q; then v <- v Â_l = (v / s) A_d + v / s for the earlier layers.
+        a_rows, sums = _prepared_layer(maps[-1], ratios[-1], head_fusion, protect, rows=rows)
+        v = a_rows.index_put((torch.arange(batch, device=device), rows), a_rows[torch.arange(batch), rows] + 1.0)
+        v = v / sums.unsqueeze(-1)
+        for attn, ratio in zip(reversed(maps[:-1]), reversed(ratios[:-1])):
             a, sums = _prepared_layer(attn, ratio, head_fusion, protect)
             w = v / sums
             v = torch.bmm(w.unsqueeze(1), a).squeeze(1) + w

@@ -114,6 +114,18 @@ def test_query_chain_equals_full_product_row(n, layers):
     torch.testing.assert_close(F.rollout(maps, query=n - 1), full[:, n - 1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("protect", ["entry0", "none"])
+def test_query_chain_with_ties_straddling_the_threshold(protect):
+    """Integer-valued maps: many entries equal the discard threshold, so the lower-flat-index rule decides."""
+    g = torch.Generator().manual_seed(7)
+    maps = [torch.randint(0, 3, (3, 9, 9), generator=g).float() for _ in range(2)]
+    query = torch.tensor([0, 4, 8])
+    full = F.rollout(maps, discard_ratio=[0.3, 0.45], protect=protect)
+    torch.testing.assert_close(full.double(), naive_rollout(maps, [0.3, 0.45], protect=protect), rtol=1e-5, atol=1e-6)
+    rows = F.rollout(maps, discard_ratio=[0.3, 0.45], protect=protect, query=query)
+    torch.testing.assert_close(rows, full[torch.arange(3), query], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("fusion", ["mean", "max", "min"])
 def test_rollout_matches_naive(fusion):
     maps = [softmax_maps(2, 11, 3, seed=s) for s in range(3)]
