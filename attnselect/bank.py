@@ -107,6 +107,8 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             raise ValueError(f"x must have shape [B,K,C], got {tuple(x.shape)}")
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        else:
+            F._check_valid(mask, x.shape[:2], x.device, name="mask")  # bool [B,K], one valid token per sample
         use_batch = self.training or self.running_mean is None
         if use_batch:
             mean, var, count = self._batch_stats(x, mask)
@@ -165,8 +167,8 @@ class TokenAdapter(nn.Module):
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         if tokens.dim() != 3 or tokens.shape[-1] != self.in_dim:
             raise ValueError(f"tokens must have shape [B,K,{self.in_dim}], got {tuple(tokens.shape)}")
-        if mask is not None and mask.shape != tokens.shape[:2]:
-            raise ValueError(f"mask must have shape {tuple(tokens.shape[:2])}, got {tuple(mask.shape)}")
+        if mask is not None:
+            F._check_valid(mask, tokens.shape[:2], tokens.device, name="mask")
         x = tokens / (tokens.norm(dim=-1, keepdim=True) + 1e-8)
         h = self.mlp_in(x)
         h = self.norm(h, mask) if isinstance(self.norm, MaskedBatchNorm1d) else self.norm(h)

@@ -55,6 +55,16 @@ def _check_finite(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or inf values; attention maps must be finite")
 
 
+def _check_nonnegative_finite(x: Tensor, name: str) -> None:
+    """One cheap pass (``aminmax``); NaN fails both comparisons."""
+    if not x.numel():
+        return
+    low, high = torch.aminmax(x)
+    if not (bool(low >= 0) and bool(high < float("inf"))):
+        _check_finite(x, name)
+        raise ValueError(f"{name} must be non-negative (softmax probabilities)")
+
+
 def _check_choice(value: object, choices: Sequence[str], name: str) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -251,6 +261,7 @@ def residual_normalize(attn: Tensor) -> Tensor:
                  [0.0000, 1.0000]]])
     """
     check_maps(attn, allow_heads=False)
+    _check_nonnegative_finite(attn, "attn")
     eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
     a = (attn + eye) / 2
     return a / a.sum(dim=-1, keepdim=True)
@@ -322,10 +333,7 @@ def _prepared_layer(
     if head_fusion == "min" and attn.dim() == 4:
         _check_finite(attn, "attentions")  # a minimum over heads can hide an inf
     a = _fused_fp32(attn, head_fusion)
-    low, high = torch.aminmax(a)  # one cheap pass over the fused map; NaN fails both comparisons
-    if not (bool(low >= 0) and bool(high < float("inf"))):
-        _check_finite(a, "attentions")
-        raise ValueError("attentions must be non-negative (softmax probabilities)")
+    _check_nonnegative_finite(a, "attentions")  # on the fused map: one cheap pass
     a = _discarded(a, ratio, protect, inplace=a is not attn, rows=rows)  # the fused map is our own buffer
     return a, a.sum(dim=-1) + 1
 
@@ -555,7 +563,7 @@ def masked_max_pool(tokens: Tensor, mask: Tensor) -> Tensor:
     if tokens.dim() != 3:
         raise ValueError(f"tokens must have shape [B,k,D], got {tuple(tokens.shape)}")
     mask = _check_valid(mask, tokens.shape[:2], tokens.device, name="mask")
-    fill = torch.finfo(tokens.dtype).min if tokens.is_floating_point() else torch.iinfo(tokens.dtype).min
+    fill = float("-inf") if tokens.is_floating_point() else torch.iinfo(tokens.dtype).min
     return tokens.masked_fill(~mask.unsqueeze(-1), fill).amax(dim=1)
 
 
@@ -625,6 +633,11 @@ def attention_probs(
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B,H,R,Nk]
     if bias is not None:
         _check_tensor(bias, "bias")
+        if not bias.is_floating_point():
+            raise TypeError(
+                f"bias must be an additive float tensor (-inf blocks an entry), got dtype {bias.dtype}; convert a "
+                "boolean mask first, e.g. torch.zeros(mask.shape).masked_fill(~allowed, float('-inf'))"
+            )
         bias = bias.to(device=q.device, dtype=torch.float32)
         try:
             bias = bias.expand(batch, heads, nq, nk)
@@ -638,7 +651,8 @@ def attention_probs(
     if causal:
         blocked = torch.arange(nk, device=q.device).view(1, 1, nk) > rows.unsqueeze(-1)  # [B,R,Nk]
         logits = logits.masked_fill(blocked.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    # a fully blocked row attends to nothing (zeros); NaN coming from NaN inputs stays NaN
+    probs = torch.softmax(logits, dim=-1).masked_fill(torch.isneginf(logits).all(dim=-1, keepdim=True), 0.0)
     if head_fusion is None:
         return probs
     return _fused_fp32(probs, head_fusion)

@@ -101,15 +101,29 @@ class MultiLayerRollout(nn.Module):
     ) -> list[Tensor]:
         """Pick this rollout's layers from a mapping ``layer -> map`` or a full per-layer sequence.
 
-        A mapping is read at the resolved layers when ``num_layers`` is given; without it, every entry of the mapping
-        is used in ascending layer order (what a capture of exactly the chosen layers holds).
+        A mapping is read at the resolved layers when the host depth is known: from ``num_layers``, or because the
+        mapping holds every layer ``0..L-1``. Without it, non-negative integer layers are read directly; named layers
+        need the depth, except when the mapping holds exactly as many maps as this rollout has layers (what a capture
+        of exactly the chosen layers holds), which are then used in ascending layer order.
         """
         if isinstance(attentions, Mapping):
             if not attentions:
                 raise ValueError("attentions is empty: no layer was captured")
+            keys = sorted(attentions)
+            if num_layers is None and keys == list(range(len(keys))):
+                num_layers = len(keys)  # a capture of every layer
             if num_layers is None:
-                return [attentions[i] for i in sorted(attentions)]
-            wanted = self.resolve_layers(num_layers)
+                if all(isinstance(i, int) and i >= 0 for i in self.layers):
+                    wanted = tuple(sorted(set(self.layers)))
+                elif len(keys) == len(set(self.layers)):
+                    return [attentions[i] for i in keys]
+                else:
+                    raise ValueError(
+                        f"attentions holds layers {keys}: pass num_layers (the host depth) to resolve this rollout's "
+                        f"layers {self.layers} among them"
+                    )
+            else:
+                wanted = self.resolve_layers(num_layers)
             missing = [i for i in wanted if i not in attentions]
             if missing:
                 raise ValueError(

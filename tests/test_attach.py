@@ -177,3 +177,22 @@ def test_attach_never_keeps_register_tokens():
     out = bank.last
     assert out.k == 4  # 8 patches selectable (13 tokens minus CLS and 4 registers), ratio 0.5
     assert bool((out.indices >= 5).all())
+
+
+def test_attach_never_keeps_a_register_token_without_cls():
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        num_classes=0,
+        class_token=False,
+        reg_tokens=1,
+        global_pool="avg",
+    ).eval()
+    bank = asel.AttentiveBank(rollout=asel.MultiLayerRollout(layers=(1, 2)), ratio=1.0)
+    with bank.attach(vit, query=5), torch.no_grad():
+        vit(torch.randn(2, 3, 32, 32))
+    assert not bool((bank.last.indices[bank.last.mask] == 0).any())

@@ -341,3 +341,29 @@ def test_gather_device_mismatch():
 def test_gather_device_mismatch_meta():
     with pytest.raises(ValueError, match="indices"):
         F.gather_tokens(torch.rand(2, 5, 3), torch.zeros(2, 2, dtype=torch.long, device="meta"))
+
+
+def test_attention_probs_rejects_bool_bias_and_keeps_nan():
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    with pytest.raises(TypeError, match="bias"):
+        F.attention_probs(q, k, scale=0.35, bias=torch.zeros(1, 1, 4, 4, dtype=torch.bool))
+    bad = q.clone()
+    bad[0, 0, 1] = float("nan")
+    out = F.attention_probs(bad, k, scale=0.35, head_fusion=None)
+    assert bool(torch.isnan(out[0, 0, 1]).all())  # NaN inputs are not silently turned into zeros
+    blocked = torch.zeros(1, 1, 4, 4)
+    blocked[..., 2, :] = float("-inf")  # query row 2 may attend to nothing
+    out = F.attention_probs(q, k, scale=0.35, bias=blocked)
+    assert float(out[0, 2].abs().max()) == 0.0 and bool(torch.isfinite(out).all())
+
+
+def test_residual_normalize_rejects_negative_and_nan():
+    with pytest.raises(ValueError, match="attn"):
+        F.residual_normalize(torch.tensor([[[-1.0, 0.0], [0.0, 0.0]]]))
+    with pytest.raises(ValueError, match="attn"):
+        F.residual_normalize(torch.full((1, 2, 2), float("nan")))
+
+
+def test_masked_max_pool_keeps_minus_inf():
+    out = F.masked_max_pool(torch.tensor([[[float("-inf")], [5.0]]]), torch.tensor([[True, False]]))
+    assert out.item() == float("-inf")

@@ -294,3 +294,24 @@ def test_bank_bad_input():
         asel.AttentiveBank(ratio=1.2)
     with pytest.raises(ValueError, match="pool"):
         asel.AttentiveBank(pool="mean")
+
+
+def test_module_reads_its_layers_from_a_full_capture_mapping():
+    maps = {i: torch.softmax(torch.randn(2, 9, 9), -1) for i in range(12)}
+    expected = F.rollout([maps[4], maps[11]], query=0)
+    for layers in [(4, 11), ("middle", "late")]:
+        torch.testing.assert_close(asel.MultiLayerRollout(layers=layers)(maps, query=0), expected)
+    with pytest.raises(ValueError, match="num_layers"):  # names against a partial mapping that is not the capture
+        asel.MultiLayerRollout()({1: maps[1], 4: maps[4], 11: maps[11]}, query=0)
+
+
+def test_masked_batch_norm_mask_checks():
+    bn = asel.MaskedBatchNorm1d(3).train()
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="mask"):
+        bn(x, torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):
+        bn(x, torch.ones(2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        bn(x, torch.ones(2, 4))
+    assert int(bn.num_batches_tracked) == 0  # nothing was folded into the running statistics

@@ -86,7 +86,7 @@ class AttachHandle:
             if capture.sos_index is not None:
                 rows = torch.cat([torch.full_like(rows, capture.sos_index), rows], dim=1)
             exclude = rows
-        elif (capture.num_prefix_tokens or 0) > 1:
+        elif (capture.num_prefix_tokens or 0) > (0 if capture.cls_index is None else 1):
             # register tokens (DINOv2-with-registers, timm reg_tokens) are never kept, like the CLS token
             batch, device = capture.tokens.shape[0], capture.tokens.device
             prefix = torch.arange(capture.num_prefix_tokens, device=device).expand(batch, -1)

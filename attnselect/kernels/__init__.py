@@ -564,7 +564,7 @@ def attention_probs(
         and q.dim() == 4
         and k.dim() == 4
         and q.shape[-1] <= 256
-        and (bias is None or isinstance(bias, Tensor))
+        and (bias is None or (isinstance(bias, Tensor) and bias.is_floating_point()))
         and (query_rows is None or isinstance(query_rows, Tensor))
         and not _grad_needed(q, k, bias)
     )
