@@ -854,12 +854,14 @@ def load_checkpoint(
     return state
 
 
-def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> ITSELF:
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> ITSELF:
     """Rebuild an :class:`ITSELF` from a checkpoint folder (its ``config.json`` and ``model.safetensors``).
 
     Args:
         folder: a folder written by :func:`save_checkpoint`.
         device: where to put the model.
+        **overrides: :class:`~attnselect.models.ITSELFConfig` fields to replace, for settings that hold no weights
+            (``lam``, ``selection``, ``eval_ratio``: evaluate one checkpoint under another inference rule).
 
     Returns:
         The model, in eval mode, with its ATS step restored.
@@ -878,6 +880,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     model_cfg = dict(cfg.get("model", cfg))
     model_cfg["pretrained"] = None
     model_cfg["gather_losses"] = False
+    model_cfg.update(overrides)
     model = ITSELF(ITSELFConfig(**model_cfg))
     load_model_weights(model, folder)
     state_file = folder / "train_state.pt"
@@ -1004,6 +1007,11 @@ def _train(config: TrainConfig, device: torch.device, t_start: float) -> dict[st
     folder = _resume_folder(config)
     if folder is not None:
         state = load_checkpoint(folder, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        if not state.get("optimizer") or not state.get("lr_scheduler"):
+            raise ValueError(
+                f"resume: {folder} holds model weights but no optimiser / LR-schedule state (a 'best' checkpoint): "
+                "resume from checkpoints/last, or start a new run from these weights"
+            )
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
         best = state["best"] if state["best"] is not None else -1.0
         logger.info(
@@ -1402,7 +1410,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train_itself") -> in
     _setup_logging()
     config, ns = parse_args(argv, prog=prog)
     if ns.eval_only:
-        return _eval(config)
+        return _eval(config, explicit=[k[len("model.") :] for k in vars(ns) if k.startswith("model.")])
     if ns.demo:
         result = demo(config=config)
         _emit(result["table"])
@@ -1419,11 +1427,21 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train_itself") -> in
     return 0
 
 
-def _eval(config: TrainConfig) -> int:
+_INFERENCE_FIELDS = ("lam", "selection", "eval_ratio")  # ITSELFConfig fields that hold no weights
+
+
+def _eval(config: TrainConfig, explicit: Sequence[str] = ()) -> int:
+    """Evaluate a checkpoint (``--resume``) or pretrained weights; ``explicit`` names the model flags given on the
+    command line, of which the inference settings replace the checkpoint's."""
     device = _resolve_device(config.device)
     folder = _resume_folder(config)
     if folder is not None:
-        model = load_model(folder, device)
+        overrides = {f: getattr(config.model, f) for f in _INFERENCE_FIELDS if f in explicit}
+        model = load_model(folder, device, **overrides)
+        if config.dataset == "synthetic":  # evaluate on the data it was trained on, never regenerate other data
+            saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            keys = [k for k in saved if k.startswith("synthetic_") or k in ("root", "out_dir")]
+            config = dataclasses.replace(config, **{k: saved[k] for k in keys if not (k == "root" and config.root)})
     elif config.model.pretrained:
         data = prepare_data(config)
         model = ITSELF(dataclasses.replace(config.model, num_classes=max(data.num_classes, 1))).to(device).eval()

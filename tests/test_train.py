@@ -193,3 +193,24 @@ def test_resume_restores_ats_and_model_config(tmp_path):
     for (k, v), w in zip(model.state_dict().items(), other.state_dict().values()):
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, w), k
+
+
+@pytest.mark.slow
+def test_eval_flags_and_best_checkpoint_resume(tmp_path, data_root, capsys):
+    """--eval-only applies the inference flags given on the command line; a weights-only 'best' folder is no resume."""
+    from attnselect.train import eval_main
+
+    train(_config(tmp_path / "run", data_root, epochs=1, eval_every=1))
+    last, best = tmp_path / "run" / "checkpoints" / "last", tmp_path / "run" / "checkpoints" / "best"
+    assert load_model(last, lam=1.0, selection="consistent").config.selection == "consistent"
+    capsys.readouterr()
+    eval_main(["--eval-only", "--resume", str(last), "--root", str(data_root), "--lam", "1.0", "--device", "cpu"])
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in capsys.readouterr().out.splitlines()
+        if line[:6] in ("global", "fused ")
+    }
+    assert rows["fused"] == rows["global"]  # lam = 1 fuses nothing of the local score
+    assert best.is_dir()
+    with pytest.raises(ValueError, match="optimiser"):
+        train(_config(tmp_path / "again", data_root, epochs=2, resume=str(best)))
