@@ -178,11 +178,15 @@ class TokenAdapter(nn.Module):
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}, hidden_dim={self.hidden_dim}, norm={self.norm_type!r}"
 
 
-def _exclusion_mask(exclude: Any, query_rows: Tensor, batch: int, n: int, device: torch.device) -> Tensor:
+def _exclusion_mask(
+    exclude: Any, query_rows: Tensor, batch: int, n: int, device: torch.device, per_sample_query: bool = False
+) -> Tensor:
     """Bool ``[B,N]``: True at the positions that are never kept."""
     out = torch.zeros(batch, n, dtype=torch.bool, device=device)
     if exclude is None:
         out[torch.arange(batch, device=device), query_rows] = True
+        if per_sample_query:  # per-sample summary rows are a text tower's EOS: its SOS (position 0) goes too
+            out[:, 0] = True
         return out
     if isinstance(exclude, Tensor) and exclude.dtype == torch.bool:
         if exclude.shape != (batch, n):
@@ -273,7 +277,8 @@ class AttentiveBank(nn.Module):
                 :meth:`MultiLayerRollout.forward`.
             query: the summary row: 0 (CLS) for images, a LongTensor ``[B]`` of EOS positions for text.
             valid: optional bool ``[B,N]``, False at padding; invalid tokens are never kept.
-            exclude: positions never kept: None (the query token), ints, a LongTensor ``[E]``/``[B,E]`` or a bool
+            exclude: positions never kept: None (the query token; with per-sample ``query`` rows, i.e. a text
+                tower's EOS positions, also SOS at position 0), ints, a LongTensor ``[E]``/``[B,E]`` or a bool
                 ``[B,N]`` mask.
             step: scheduler step (None: the scheduler's own counter).
             num_layers: host depth, to resolve named layers against a mapping.
@@ -289,7 +294,8 @@ class AttentiveBank(nn.Module):
                 f"{tuple(tokens.shape)}: maps and tokens must have the same B and N"
             )
         query_rows = F._check_query(query, batch, n_tok, tokens.device)
-        excluded = _exclusion_mask(exclude, query_rows, batch, n_tok, tokens.device)
+        per_sample = isinstance(query, Tensor) and query.dim() > 0
+        excluded = _exclusion_mask(exclude, query_rows, batch, n_tok, tokens.device, per_sample)
         selectable = ~excluded
         if valid is not None:
             F._check_valid(valid, (batch, n_tok), tokens.device)

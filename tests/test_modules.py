@@ -315,3 +315,15 @@ def test_masked_batch_norm_mask_checks():
     with pytest.raises(TypeError, match="mask"):
         bn(x, torch.ones(2, 4))
     assert int(bn.num_batches_tracked) == 0  # nothing was folded into the running statistics
+
+
+def test_bank_text_default_excludes_sos_and_eos():
+    b, n = 2, 77
+    maps = maps_for(b, n, 1, seed=4, causal=True)
+    eos = torch.tensor([20, 76])
+    valid = torch.arange(n).unsqueeze(0) <= eos.unsqueeze(1)
+    bank = asel.AttentiveBank(rollout=asel.MultiLayerRollout(layers=(0,)), ratio=0.4)
+    out = bank(torch.randn(b, n, 8), maps, query=eos, valid=valid)
+    assert out.k == 30  # int(75 * 0.4): the published text count
+    kept = out.indices[out.mask]
+    assert not bool((kept == 0).any()) and int(out.mask[0].sum()) == 19  # words 1..19 of the short caption
