@@ -354,7 +354,8 @@ def rollout(
 
     Args:
         attentions: per-layer maps in forward order (lowest layer first), each ``[B,H,N,N]`` or ``[B,N,N]``, already
-            restricted to the chosen layers (a stacked ``[L,B,(H,)N,N]`` tensor is accepted too).
+            restricted to the chosen layers. A tensor is read as stacked layers, ``[L,B,N,N]`` (4-D) or
+            ``[L,B,H,N,N]`` (5-D): pass a single per-head ``[B,H,N,N]`` map inside a list.
         discard_ratio: a float in ``[0, 1]``, or one float per layer.
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` (ignored for ``[B,N,N]`` maps).
         protect: ``"entry0"`` (published behaviour) or ``"none"``; see :func:`discard_lowest`.
