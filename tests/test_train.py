@@ -204,7 +204,21 @@ def test_eval_flags_and_best_checkpoint_resume(tmp_path, data_root, capsys):
     last, best = tmp_path / "run" / "checkpoints" / "last", tmp_path / "run" / "checkpoints" / "best"
     assert load_model(last, lam=1.0, selection="consistent").config.selection == "consistent"
     capsys.readouterr()
-    eval_main(["--eval-only", "--resume", str(last), "--root", str(data_root), "--lam", "1.0", "--device", "cpu"])
+    eval_main(
+        [
+            "--eval-only",
+            "--resume",
+            str(last),
+            "--root",
+            str(data_root),
+            "--lam",
+            "1.0",
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+        ]
+    )
     rows = {
         line.split()[0]: line.split()[1:]
         for line in capsys.readouterr().out.splitlines()
