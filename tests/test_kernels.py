@@ -131,6 +131,9 @@ def test_rollout_stacked_and_bad_input(device: str) -> None:
     with pytest.raises(ValueError, match="query"):
         K.rollout(maps, query=torch.tensor([0, 9], device=device))
         K.check_errors()
+    with pytest.raises(ValueError, match="must lie in"):  # wraps to row 3 in 32 bits: still out of range
+        K.rollout(maps, query=torch.tensor([0, 2**32 + 3], device=device))
+        K.check_errors()
     with pytest.raises(ValueError, match="discard_ratio"):
         K.rollout(maps, discard_ratio=[0.1])
     K.check_errors()  # nothing left over
@@ -342,6 +345,17 @@ def test_capture_causal_bias_and_rows(device: str, head_fusion: str) -> None:
     with pytest.raises(ValueError, match="query_rows"):
         K.attention_probs(q, k, scale=scale, query_rows=torch.tensor([-1], device=device))
         K.check_errors()
+    # int64 rows are read as they are: a row that only wraps into range in 32 bits is still out of range
+    with pytest.raises(ValueError, match="must lie in"):
+        K.attention_probs(q, k, scale=scale, query_rows=torch.tensor([[2**32 + 3]] * b, device=device))
+        K.check_errors()
+    rows32 = torch.tensor([5, 0], device=device, dtype=torch.int32)  # int32 rows take the same path
+    torch.testing.assert_close(
+        K.attention_probs(q, k, scale=scale, query_rows=rows32),
+        F.attention_probs(q, k, scale=scale, query_rows=rows32.long()),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.kernels

@@ -26,6 +26,7 @@ ops' implementations on first call.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.util
 import logging
@@ -110,9 +111,19 @@ def _decide(tensor: Tensor) -> tuple[bool, str]:
     return False, f"{device} tensors have no Triton kernels here: using the PyTorch reference"
 
 
+_decisions: dict[tuple[str, str | None, str | None], bool] = {}
+
+
 def _enabled_for(device_type: str) -> bool:
-    """The gate for a device type; a constant for torch.compile (the decision is made when tracing)."""
-    return _decide(_Probe(device_type))[0]  # type: ignore[arg-type]
+    """The gate for a device type; a constant for torch.compile (the decision is made when tracing).
+
+    Remembered per device type and values of the two environment switches, so a call costs two dictionary lookups.
+    """
+    key = (device_type, os.environ.get(_ENV_SWITCH), os.environ.get("TRITON_INTERPRET"))
+    ok = _decisions.get(key)
+    if ok is None:
+        ok = _decisions[key] = _decide(_Probe(device_type))[0]  # type: ignore[arg-type]
+    return ok
 
 
 class _Probe:
@@ -188,16 +199,62 @@ class _Package(types.ModuleType):
 # errors found on the device, reported without a synchronisation
 # --------------------------------------------------------------------------------------------------------------------
 _RING = 1024  # pinned int32 slots per device, each the error summary of one op call
-_rings: dict[int, tuple[Tensor, object]] = {}
-_next_slot: dict[int, int] = {}
-_pending: list[tuple[object, int, int, Tensor, Callable[[int, Tensor], str | None]]] = []
+
+
+class _ErrorQueue:
+    """The error summaries of one device's op calls, in issue order, read back without a synchronisation.
+
+    Each call copies its int32 summary (0: the input was fine) into the next slot of a pinned host ring, preset to -1
+    so that a slot still at -1 has not been written yet. Slots are checked oldest first and the check stops at the
+    first one not yet written (copies on one stream land in issue order; on several streams a later error only waits
+    for the earlier calls). At most half the ring is in flight: beyond that the host waits for the device.
+    """
+
+    def __init__(self, ring: Tensor, device: int | None) -> None:
+        self.ring = ring
+        self.view = ring.numpy()
+        self.slots = ring.split(1)  # one view per slot, made once: no slicing per call
+        self.device = device
+        self.next = 0
+        self.pending: collections.deque[tuple[int, Tensor, Callable[[int, Tensor], str | None]]] = collections.deque()
+
+    def push(self, summary: Tensor, detail: Tensor, describe: Callable[[int, Tensor], str | None]) -> None:
+        msg = None
+        if 2 * len(self.pending) >= len(self.slots):  # far behind: wait rather than reuse slots still in flight
+            msg = self.pop_ready(wait=True)
+        slot = self.next
+        self.next = (slot + 1) % len(self.slots)
+        self.view[slot] = -1
+        self.slots[slot].copy_(summary, non_blocking=True)
+        self.pending.append((slot, detail, describe))
+        if msg:
+            raise ValueError(msg)
+
+    def pop_ready(self, wait: bool) -> str | None:
+        """Drop the written summaries up to the first error and return its message (None when none is written)."""
+        if wait and self.pending and self.device is not None:
+            torch.cuda.synchronize(self.device)
+        while self.pending:
+            slot, detail, describe = self.pending[0]
+            value = int(self.view[slot])
+            if value < 0:
+                return None
+            self.pending.popleft()
+            if value:
+                msg = describe(value, detail)
+                if msg:
+                    return msg
+        return None
+
+
+_queues: dict[int, _ErrorQueue] = {}
 
 
 def _report(summary: Tensor, detail: Tensor, describe: Callable[[int, Tensor], str | None]) -> None:
     """Raise ``describe(summary, detail)`` now (CPU), or queue it until the device has written it (CUDA).
 
-    ``summary`` is an int32 ``[1]`` tensor, 0 when the input was fine. On CUDA it is copied into a slot of a pinned
-    host ring (preset to -1, so a slot still at -1 is not written yet); nothing waits for it here.
+    ``summary`` is an int32 ``[1]`` tensor, 0 when the input was fine. On CUDA it is copied asynchronously into the
+    device's :class:`_ErrorQueue`; nothing waits for it here.
     """
     if summary.device.type != "cuda":
         msg = describe(int(summary[0]), detail)
@@ -207,37 +264,18 @@ def _report(summary: Tensor, detail: Tensor, describe: Callable[[int, Tensor], s
     if torch.cuda.is_current_stream_capturing():  # a CUDA graph replays no host-side check
         return
     dev = summary.device.index if summary.device.index is not None else torch.cuda.current_device()
-    if dev not in _rings:
-        ring = torch.full((_RING,), -1, dtype=torch.int32, pin_memory=True)
-        _rings[dev] = (ring, ring.numpy())
-    if len(_pending) >= _RING // 2:  # far behind: wait rather than reuse slots still in flight
-        _raise_ready(wait=True)
-    ring, view = _rings[dev]
-    slot = _next_slot.get(dev, 0)
-    _next_slot[dev] = (slot + 1) % _RING
-    view[slot] = -1  # type: ignore[index]
-    ring[slot : slot + 1].copy_(summary, non_blocking=True)
-    _pending.append((view, slot, dev, detail, describe))
+    queue = _queues.get(dev)
+    if queue is None:
+        queue = _queues[dev] = _ErrorQueue(torch.full((_RING,), -1, dtype=torch.int32, pin_memory=True), dev)
+    queue.push(summary, detail, describe)
 
 
 def _raise_ready(wait: bool) -> None:
-    """Check the queued summaries: those already written (all of them with ``wait``), oldest first."""
-    if not _pending:
-        return
-    if wait:
-        for dev in {p[2] for p in _pending}:
-            torch.cuda.synchronize(dev)
-    keep = []
-    error = None
-    for view, slot, dev, detail, describe in _pending:
-        value = int(view[slot])  # type: ignore[index]
-        if value < 0:
-            keep.append((view, slot, dev, detail, describe))
-        elif value and error is None:
-            error = describe(value, detail)
-    _pending[:] = keep
-    if error:
-        raise ValueError(error)
+    """Raise the oldest error the devices have written (with ``wait``: after waiting for them)."""
+    for queue in _queues.values():
+        msg = queue.pop_ready(wait)
+        if msg:
+            raise ValueError(msg)
 
 
 def check_errors() -> None:
@@ -254,8 +292,11 @@ def check_errors() -> None:
     Examples:
         >>> check_errors()  # nothing pending: returns at once
     """
-    while _pending:
-        _raise_ready(wait=True)
+    for queue in _queues.values():
+        while queue.pending:
+            msg = queue.pop_ready(wait=True)
+            if msg:
+                raise ValueError(msg)
 
 
 def _rollout_message(code: int, detail: Tensor) -> str | None:
@@ -269,7 +310,7 @@ def _rollout_message(code: int, detail: Tensor) -> str | None:
 def _topk_message(code: int, errors: Tensor) -> str | None:
     if not code:
         return None
-    errors = errors.cpu()
+    errors = errors[:-1].cpu()
     nan_rows = (errors & 1).nonzero().flatten().tolist()
     if nan_rows:
         return f"scores contains NaN (sample(s) {nan_rows[:8]})"
@@ -346,26 +387,32 @@ _topk_gather_op.register_autograd(_topk_gather_backward, setup_context=_topk_gat
 
 
 class _TopkGatherFn(torch.autograd.Function):
-    """Eager autograd wrapper of the launchers (no custom-op dispatch on the hot path)."""
+    """Eager autograd wrapper of the launchers (no custom-op dispatch on the hot path).
+
+    The error codes leave through ``box`` rather than as an output, and gradients are not materialised for the
+    integer outputs: the backward is one allocation and one launch.
+    """
 
     @staticmethod
-    def forward(ctx, scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None):  # type: ignore[override]
+    def forward(ctx, scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None, box: list):  # type: ignore[override]
         from .topk_gather import topk_gather_forward
 
-        indices, mask, out, errors = topk_gather_forward(scores, k, tokens, valid)
+        indices, mask, out, errors = topk_gather_forward(scores, k, tokens, valid, checked=True)
+        box.append(errors)
         ctx.save_for_backward(indices, mask)
         ctx.num_tokens = tokens.shape[1]
-        ctx.mark_non_differentiable(indices, mask, errors)
-        return indices, mask, out, errors
+        ctx.mark_non_differentiable(indices, mask)
+        ctx.set_materialize_grads(False)
+        return indices, mask, out
 
     @staticmethod
-    def backward(ctx, grad_indices, grad_mask, grad_out, grad_errors):  # type: ignore[override]
+    def backward(ctx, grad_indices, grad_mask, grad_out):  # type: ignore[override]
         from .topk_gather import gather_backward
 
-        indices, mask = ctx.saved_tensors
         if grad_out is None:
-            return None, None, None, None
-        return None, None, gather_backward(grad_out, indices, mask, ctx.num_tokens), None
+            return None, None, None, None, None
+        indices, mask = ctx.saved_tensors
+        return None, None, gather_backward(grad_out, indices, mask, ctx.num_tokens), None, None
 
 
 @torch.library.custom_op("attnselect::attention_probs", mutates_args=())
@@ -458,7 +505,8 @@ def rollout(
         return torch.ops.attnselect.rollout(list(maps), ratios, head_fusion, protect, rows)
     from .rollout import rollout_forward
 
-    _raise_ready(wait=False)
+    if _queues:
+        _raise_ready(wait=False)
     result, flags = rollout_forward(maps, ratios, head_fusion, protect, rows)
     _report(flags, flags, _rollout_message)
     return result
@@ -518,15 +566,17 @@ def select_topk_gather(
             raise ValueError(f"valid is on {valid.device} but scores are on {scores.device}")
     if _tracing():
         return torch.ops.attnselect.topk_gather(scores, k, tokens, valid)
-    _raise_ready(wait=False)
-    if torch.is_grad_enabled() and tokens.requires_grad:
-        indices, mask, out, errors = _TopkGatherFn.apply(scores, k, tokens, valid)
+    if _queues:
+        _raise_ready(wait=False)
+    if tokens.requires_grad and torch.is_grad_enabled():
+        box: list[Tensor] = []
+        indices, mask, out = _TopkGatherFn.apply(scores, k, tokens, valid, box)
+        errors = box[0]
     else:
         from .topk_gather import topk_gather_forward
 
-        indices, mask, out, errors = topk_gather_forward(scores, k, tokens, valid)
-    b = scores.shape[0]
-    _report(errors[b:], errors[:b], _topk_message)
+        indices, mask, out, errors = topk_gather_forward(scores, k, tokens, valid, checked=True)
+    _report(errors[-1:], errors, _topk_message)
     return indices, mask, out
 
 
@@ -581,7 +631,8 @@ def attention_probs(
         return torch.ops.attnselect.attention_probs(q, k, float(scale), bias, bool(causal), fusion, query_rows)
     from .capture import attention_probs_forward
 
-    _raise_ready(wait=False)
+    if _queues:
+        _raise_ready(wait=False)
     out, flags = attention_probs_forward(q, k, float(scale), bias, bool(causal), head_fusion, query_rows)
     if flags is not None:
         _report(flags, flags, _capture_message)

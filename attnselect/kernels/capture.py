@@ -101,11 +101,11 @@ if triton is not None:
     @triton.jit
     def _rows_of(ROWS, FLAG, b, r, rm, srb, NQ, HAS_ROWS: tl.constexpr):
         if HAS_ROWS:
-            qpos = tl.load(ROWS + b * srb + r, mask=rm, other=0).to(tl.int32)
-            bad = tl.max((rm & ((qpos < 0) | (qpos >= NQ))).to(tl.int32), axis=0)
+            qpos = tl.load(ROWS + b * srb + r, mask=rm, other=0)
+            bad = tl.max((rm & ((qpos < 0) | (qpos >= NQ))).to(tl.int32), axis=0)  # in the loaded width
             if bad > 0:
                 tl.atomic_or(FLAG, 1)
-            qpos = tl.minimum(tl.maximum(qpos, 0), NQ - 1)  # stay in bounds; the flag reports the bad row
+            qpos = tl.minimum(tl.maximum(qpos, 0), NQ - 1).to(tl.int32)  # in bounds; the flag reports the bad row
         else:
             qpos = r
         return qpos
@@ -353,16 +353,18 @@ def attention_probs_forward(
     if query_rows is not None:
         if query_rows.dtype.is_floating_point or query_rows.dtype == torch.bool:
             raise TypeError(f"query_rows must hold integer row indices, got dtype {query_rows.dtype}")
-        if query_rows.dim() == 1:
-            query_rows = query_rows.unsqueeze(0).expand(b, -1)
-        if query_rows.dim() != 2 or query_rows.shape[0] != b:
+        if query_rows.dim() not in (1, 2) or (query_rows.dim() == 2 and query_rows.shape[0] != b):
             raise ValueError(f"query_rows must have shape [R] or [B,R] with B = {b}, got {tuple(query_rows.shape)}")
-        rows = query_rows.to(device=q.device, dtype=torch.int32)
+        rows = query_rows  # int32/int64 rows are read as they are; a 1-D list is shared by the batch (stride 0)
+        if rows.device != q.device or rows.dtype not in (torch.int32, torch.int64):
+            rows = rows.to(device=q.device, dtype=torch.int64)
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        r = rows.shape[1]
+        r = rows.shape[-1]
+        rows_stride = rows.stride(0) if rows.dim() == 2 else 0
     else:
         rows = None
+        rows_stride = 0
         r = nq
     if bias is not None:
         if not bias.is_floating_point():
@@ -388,7 +390,7 @@ def attention_probs_forward(
             q, k, bias if bias is not None else q, rows if rows is not None else q, out,
             flags if flags is not None else out, h, r, nq, nk, hd, float(scale),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *bs,
-            rows.stride(0) if rows is not None else 0, out.stride(0), out.stride(1) if not fused else 0, out.stride(-2),
+            rows_stride, out.stride(0), out.stride(1) if not fused else 0, out.stride(-2),
             HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, CAUSAL=bool(causal), FUSION=_FUSION[head_fusion],
             IEEE=ieee, BLOCK_M=block_m, BLOCK_N=keys_pow2, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
@@ -417,7 +419,7 @@ def attention_probs_forward(
         k.stride(1),
         k.stride(2),
         *bs,
-        rows.stride(0) if rows is not None else 0,
+        rows_stride,
         out.stride(0),
         out.stride(1) if not fused else 0,
         out.stride(-2),

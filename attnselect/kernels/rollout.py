@@ -298,7 +298,7 @@ if triton is not None:
             bad_q = (q < 0) | (q >= N)
             if bad_q:
                 tl.atomic_or(FLAG, 2)
-            q = tl.minimum(tl.maximum(q, 0), N - 1)
+            q = tl.minimum(tl.maximum(q, 0), N - 1).to(tl.int32)  # checked in the loaded width
             row = W + b.to(tl.int64) * NN + q * N
             cols = tl.arange(0, BLOCK_N)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -473,7 +473,8 @@ def rollout_forward(
     if rows is not None:
         if rows.shape != (b,):
             raise ValueError(f"rows must have shape [B] = [{b}], got {tuple(rows.shape)}")
-        rows = rows.to(device=device, dtype=torch.int32).contiguous()
+        if rows.device != device or rows.dtype not in (torch.int32, torch.int64) or rows.stride(0) != 1:
+            rows = rows.to(device=device, dtype=torch.int64).contiguous()
     samples = SAMPLE_RUNS * SAMPLE_RUN
     cap = min(nn_, max(SELECT_CHUNK, nn_ // 8))
     work = torch.empty(b, nn_, device=device, dtype=torch.float32)

@@ -48,7 +48,7 @@ if triton is not None:
         MASK,
         OUT,
         ERR,
-        ERR_ANY,
+        B,
         N,
         K,
         D,
@@ -81,7 +81,7 @@ if triton is not None:
             code = has_nan + 2 * (num_valid == 0).to(tl.int32)
             tl.store(ERR + b, code)
             if code != 0:
-                tl.atomic_or(ERR_ANY, code)
+                tl.atomic_or(ERR + B, code)
         last_valid = tl.sum(tl.where(n == num_valid - 1, order, 0), axis=0)
         p = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         pm = p < K
@@ -89,7 +89,7 @@ if triton is not None:
         keep = p < num_valid
         idx = tl.where(keep, picked, last_valid)
         tl.store(IDX + b * K + p, idx.to(tl.int64), mask=pm)
-        tl.store(MASK + b * K + p, keep.to(tl.int8), mask=pm)
+        tl.store(MASK + b * K + p, keep, mask=pm)
         d = tl.arange(0, BLOCK_D)
         src = T + b * stride_tb + idx.to(tl.int64)[:, None] * stride_tn
         dst = OUT + b * stride_ob + p.to(tl.int64)[:, None] * stride_ok
@@ -179,8 +179,8 @@ def _check(scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None) -> None
 
 
 def topk_gather_forward(
-    scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+    scores: Tensor, k: int, tokens: Tensor, valid: Tensor | None = None, *, checked: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the fused top-k + gather.
 
     Args:
@@ -188,6 +188,7 @@ def topk_gather_forward(
         k: tokens to keep, in ``[1, N]``.
         tokens: ``[B,N,D]`` token features.
         valid: optional bool ``[B,N]``; every sample needs one True entry.
+        checked: the caller has validated shapes, dtypes and devices (the gate's hot path); skip doing it again.
 
     Returns:
         ``(indices [B,k] int64, mask [B,k] bool, gathered [B,k,D], errors [B+1] int32)``; ``errors[:B]`` is 1 for a
@@ -196,39 +197,39 @@ def topk_gather_forward(
         synchronises.
     """
     _require_triton()
-    _check(scores, k, tokens, valid)
+    if not checked:
+        _check(scores, k, tokens, valid)
     b, n = scores.shape
     dim = tokens.shape[-1]
-    scores = scores.contiguous()
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
     if tokens.stride(-1) != 1:
         tokens = tokens.contiguous()
-    indices = torch.empty(b, k, device=scores.device, dtype=torch.int64)
-    mask = torch.empty(b, k, device=scores.device, dtype=torch.int8)
-    out = torch.empty(b, k, dim, device=tokens.device, dtype=tokens.dtype)
-    errors = torch.empty(b + 1, device=scores.device, dtype=torch.int32)
-    errors[b:].zero_()  # the summary (the bitwise or of the codes) behind the per-sample codes
-    if valid is not None:
-        valid_i8 = valid.contiguous().view(torch.int8)
-    else:
-        valid_i8 = scores  # never read
-    block_n = max(16, triton.next_power_of_2(n))
-    block_k = min(64 if block_n <= 1024 else 16, max(16, triton.next_power_of_2(k)))
-    block_d = min(256, max(16, triton.next_power_of_2(dim)))
-    if b and k and dim:
-        _topk_gather_kernel[(b, triton.cdiv(k, block_k))](
+    device = scores.device
+    indices = torch.empty(b, k, device=device, dtype=torch.int64)
+    mask = torch.empty(b, k, device=device, dtype=torch.bool)
+    out = torch.empty(b, k, dim, device=device, dtype=tokens.dtype)
+    errors = torch.zeros(b + 1, device=device, dtype=torch.int32)  # codes, then their bitwise or
+    if valid is not None and valid.stride(-1) != 1:
+        valid = valid.contiguous()
+    block_n = _pow2(n)
+    block_k = min(64 if block_n <= 1024 else 16, _pow2(k))
+    block_d = min(256, _pow2(dim))
+    if b and dim:
+        _topk_gather_kernel[(b, (k + block_k - 1) // block_k)](
             scores,
-            valid_i8,
+            valid if valid is not None else scores,  # never read without HAS_VALID
             tokens,
             indices,
             mask,
             out,
             errors,
-            errors[b:],
+            b,
             n,
             k,
             dim,
             scores.stride(0),
-            valid_i8.stride(0),
+            valid.stride(0) if valid is not None else 0,
             tokens.stride(0),
             tokens.stride(1),
             out.stride(0),
@@ -239,7 +240,12 @@ def topk_gather_forward(
             BLOCK_D=block_d,
             num_warps=4 if block_n <= 1024 else 8,
         )
-    return indices, mask.view(torch.bool), out, errors
+    return indices, mask, out, errors
+
+
+def _pow2(x: int) -> int:
+    """The next power of two, at least 16 (Triton's smallest useful block)."""
+    return max(16, 1 << (x - 1).bit_length())
 
 
 def gather_backward(grad_out: Tensor, indices: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
@@ -255,15 +261,15 @@ def gather_backward(grad_out: Tensor, indices: Tensor, mask: Tensor, num_tokens:
         return grad.zero_()
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    indices = indices.contiguous()
-    mask_i8 = mask.contiguous().view(torch.int8)
+    if not (indices.is_contiguous() and mask.is_contiguous()):
+        indices, mask = indices.contiguous(), mask.contiguous()
     block_t = 16
-    block_kk = min(1024, max(16, triton.next_power_of_2(k)))
-    block_d = min(256, max(16, triton.next_power_of_2(dim)))
-    _gather_backward_kernel[(b, triton.cdiv(num_tokens, block_t))](
+    block_kk = min(1024, _pow2(k))
+    block_d = min(256, _pow2(dim))
+    _gather_backward_kernel[(b, (num_tokens + block_t - 1) // block_t)](
         grad_out,
         indices,
-        mask_i8,
+        mask,
         grad,
         num_tokens,
         k,
