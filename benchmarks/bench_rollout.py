@@ -7,6 +7,8 @@ Providers, all on the same per-head maps ``[B,H,N,N]`` of two layers, discard ra
 - ``reference_full`` / ``reference_query``: :func:`attnselect.functional.rollout` (full product / query row 0);
 - ``reference_query_compiled``: the query-row reference under ``torch.compile`` (default inductor backend);
 - ``triton_full`` / ``triton_query``: :func:`attnselect.kernels.rollout` on CUDA;
+- ``triton_query_multipass``: the same query row through the multi-pass kernels, at shapes (``N <= SMALL_N``) where
+  the gate picks the one-program-per-layer chain;
 - ``floor``: one ``torch.mean`` over heads of the same maps, the least any rollout must do (read every map once).
 
 Shapes: CPU ``B=64, H=12, N=193``; CUDA ITSELF image ``B=256, H=12, N=193``, ITSELF text ``B=256, H=8, N=77``,
@@ -19,6 +21,7 @@ leaves out the ``torch.compile`` provider, whose compilation takes most of a GPU
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -44,6 +47,16 @@ def _maps(b: int, h: int, n: int, dtype: torch.dtype, device: str, causal: bool)
             logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool, device=device).triu(1), float("-inf"))
         out.append(torch.softmax(logits, dim=-1).to(dtype))
     return out
+
+
+def _multipass(kernel_module, maps: list[torch.Tensor]) -> torch.Tensor:
+    import attnselect.kernels as K
+
+    small, kernel_module.SMALL_N = kernel_module.SMALL_N, 0
+    try:
+        return K.rollout(maps, discard_ratio=0.25, query=0)
+    finally:
+        kernel_module.SMALL_N = small
 
 
 def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list[Row]:
@@ -74,6 +87,9 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
             ("triton_full", lambda: K.rollout(maps, discard_ratio=0.25), full_bytes),
             ("triton_query", lambda: K.rollout(maps, discard_ratio=0.25, query=0), query_bytes),
         ]
+        kernel_module = importlib.import_module("attnselect.kernels.rollout")
+        if n <= kernel_module.SMALL_N:  # the multi-pass chain at a shape the one-program-per-layer chain takes
+            providers.append(("triton_query_multipass", lambda: _multipass(kernel_module, maps), query_bytes))
     providers.append(("floor", lambda: [m.mean(dim=1) for m in maps], in_bytes + in_bytes // h))
     # the paths must agree before their times mean anything
     ref = F.rollout(maps, discard_ratio=0.25)

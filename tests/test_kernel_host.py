@@ -100,14 +100,22 @@ def test_topk_gather_backward_is_one_launch_without_zero_fills(launches: list[st
     assert tokens.grad is not None and tokens.grad.shape == tokens.shape
 
 
-def test_rollout_query_path_launches(launches: list[str]) -> None:
+def test_rollout_query_path_launches(launches: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     maps = [torch.softmax(torch.randn(2, 4, 17, 17), -1) for _ in range(2)]
-    ops = _count(lambda: K.rollout(maps, query=torch.tensor([3, 16])))
-    # per layer: pivots, fusion, select; the earlier layer adds its row-block pass and the reduction
+    query = torch.tensor([3, 16])
+    ops = _count(lambda: K.rollout(maps, query=query))
+    # N <= SMALL_N: one launch per layer; the result, its double buffer and the error flag
+    assert launches == ["_small_query_kernel"] * 2
+    assert ops["empty"] == 2 and ops["zeros"] == 1, ops
+    assert ops["_to_copy"] == 0 and ops["copy_"] == 0, ops  # int64 query rows are read as they are
+    launches.clear()
+    monkeypatch.setattr(sys.modules["attnselect.kernels.rollout"], "SMALL_N", 0)
+    ops = _count(lambda: K.rollout(maps, query=query))
+    # the multi-pass chain, per layer: pivots, fusion, select; the earlier layer adds its row-block pass and the sum
     assert sorted(launches) == sorted(
         ["_pivot_kernel", "_fuse_kernel", "_select_kernel"] * 2 + ["_rowblock_kernel", "_reduce_kernel"]
     ), launches
-    assert ops["_to_copy"] == 0 and ops["copy_"] == 0, ops  # int64 query rows are read as they are
+    assert ops["_to_copy"] == 0 and ops["copy_"] == 0, ops
 
 
 def test_capture_query_rows_are_read_in_place(launches: list[str]) -> None:

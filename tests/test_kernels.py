@@ -31,6 +31,16 @@ def device(request: pytest.FixtureRequest) -> str:
     return dev
 
 
+@pytest.fixture(params=["registers", "multipass"])
+def query_chain(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both query-row chains: one sample's layer in registers (N <= SMALL_N), and the multi-pass kernels."""
+    import importlib
+
+    if request.param == "multipass":
+        monkeypatch.setattr(importlib.import_module("attnselect.kernels.rollout"), "SMALL_N", 0)
+    return request.param
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -67,7 +77,9 @@ def _assert_lowp_close(out: torch.Tensor, ref_lowp: torch.Tensor, ref32: torch.T
     ("b", "h", "n", "per_sample_query"),
     [(1, 12, 1, False), (3, 4, 2, True), (3, 3, 50, True), (1, 2, 77, False), (1, 2, 197, True)],
 )
-def test_rollout_matches_reference(device: str, b: int, h: int, n: int, per_sample_query: bool) -> None:
+def test_rollout_matches_reference(
+    device: str, query_chain: str, b: int, h: int, n: int, per_sample_query: bool
+) -> None:
     maps = [m.to(device) for m in _softmax_maps(b, h, n, seed=n)]
     query = torch.randint(0, n, (b,), generator=_gen(1)).to(device) if per_sample_query else 0
     ref_full = F.rollout(maps, discard_ratio=0.25)
@@ -94,8 +106,23 @@ def test_rollout_discards_the_same_entries(device: str, ratio: float, protect: s
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.97, 1.0])
+@pytest.mark.parametrize("protect", ["entry0", "none"])
+def test_rollout_query_row_discards_the_same_entries(device: str, query_chain: str, ratio: float, protect: str) -> None:
+    # one layer with many ties, every row a query once: v = (A_d[q] + e_q) / s_q is zero exactly where the discard hit
+    n = 11
+    a = (_dyadic_maps(1, 1, n, layers=1, seed=3)[0][:, 0] + 0.125).expand(n, n, n).contiguous().to(device)
+    a[:, 0, 0] = 0.125  # entry (0, 0) among the smallest: protect decides its fate
+    query = torch.arange(n, device=device)
+    ref = F.rollout([a], discard_ratio=ratio, protect=protect, query=query)
+    out = K.rollout([a], discard_ratio=ratio, protect=protect, query=query)
+    assert torch.equal(out == 0, ref == 0)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.kernels
 @pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
-def test_rollout_head_fusion_with_ties(device: str, head_fusion: str) -> None:
+def test_rollout_head_fusion_with_ties(device: str, query_chain: str, head_fusion: str) -> None:
     maps = [m.to(device) for m in _dyadic_maps(3, 4, 19, layers=2)]
     query = torch.tensor([0, 18, 7], device=device)
     for q in (None, query):
@@ -106,7 +133,7 @@ def test_rollout_head_fusion_with_ties(device: str, head_fusion: str) -> None:
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_rollout_low_precision_inputs(device: str, dtype: torch.dtype) -> None:
+def test_rollout_low_precision_inputs(device: str, query_chain: str, dtype: torch.dtype) -> None:
     maps32 = [m.to(device) for m in _softmax_maps(2, 3, 50, seed=5, causal=True)]
     maps = [m.to(dtype) for m in maps32]
     query = torch.tensor([49, 20], device=device)  # text-like: causal maps, per-sample EOS rows
@@ -128,6 +155,9 @@ def test_rollout_stacked_and_bad_input(device: str) -> None:
     with pytest.raises(ValueError, match="non-negative"):
         K.rollout(bad)
         K.check_errors()
+    with pytest.raises(ValueError, match="non-negative"):  # the query-row chain checks every entry as well
+        K.rollout(bad, query=1)
+        K.check_errors()
     with pytest.raises(ValueError, match="query"):
         K.rollout(maps, query=torch.tensor([0, 9], device=device))
         K.check_errors()
@@ -146,6 +176,7 @@ def test_rollout_select_fallbacks(device: str, monkeypatch: pytest.MonkeyPatch, 
     import importlib
 
     mod = importlib.import_module("attnselect.kernels.rollout")
+    monkeypatch.setattr(mod, "SMALL_N", 0)  # the multi-pass select, whose fallbacks these are
     monkeypatch.setattr(mod, "BRACKET_SIGMAS", sigmas)
     monkeypatch.setattr(mod, "SELECT_CHUNK", chunk)
     maps = [m.to(device) for m in _softmax_maps(2, 3, 50, seed=7)]  # N*N = 2500 > 2048 samples: the pivot path

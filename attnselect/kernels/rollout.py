@@ -26,6 +26,14 @@ under ``protect="entry0"``.
    its rows and their share ``sum_r (v_r / s_r) A_d[r, :]`` with the discard applied on the fly, and
    ``_reduce_kernel`` adds the shares in a fixed order (deterministic, no float atomics) plus ``v / s``.
 
+Short sequences (query-row chain, ``N <= SMALL_N = 128``: the CLIP text tower's 77 tokens): ``_small_query_kernel``
+does a whole layer of one sample in one program, one launch per layer and three small allocations per call instead of
+the eight launches above. It fuses the heads into a flat register tile of ``N*N`` values (the checks), finds
+``P* = (T, cut)`` with two radix selects in registers (the key of rank ``count - 1``, then the flat index of the
+remaining rank among the entries equal to ``T``), and re-reads the sample's maps (from L2) by blocks of rows for the
+row sums and the chain step ``v <- (v / s) @ A_d + v / s`` (the last layer: ``v = (A_d[q] + e_q) / s_q`` from row
+``q`` only).
+
 Memory traffic per layer: the maps once, the fp32 workspace written once and read once (plus a few per cent for the
 candidates); everything else is per-sample scalars. Accumulation is fp32 throughout.
 
@@ -56,6 +64,9 @@ SAMPLE_RUNS = 64
 SAMPLE_RUN = 32
 SELECT_CHUNK = 4096
 BRACKET_SIGMAS = 5.0
+SMALL_N = 128  # query-row chains up to this N hold a sample's layer in registers: one launch per layer
+SMALL_WARPS = 16
+SMALL_ROWS = 16
 
 try:
     import triton
@@ -402,6 +413,78 @@ if triton is not None:
         tl.store(V_OUT + vrow + c, acc + own, mask=cm)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _small_query_kernel(
+        X,
+        V_IN,
+        V_OUT,
+        Q,
+        FLAG,
+        N,
+        NN,
+        count,
+        stride_b,
+        stride_h,
+        H,
+        FUSION: tl.constexpr,
+        LAST: tl.constexpr,
+        SELECT: tl.constexpr,
+        PROTECT: tl.constexpr,
+        BLOCK_NN: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ROWS: tl.constexpr,
+        HIST_MASK: tl.constexpr,
+    ):
+        # one sample's layer in one program (N*N <= BLOCK_NN): one step of the query-row chain,
+        # v <- (v / s) @ A_d + v / s, or for the last layer v <- (A_d[q] + e_q) / s_q
+        b = tl.program_id(0).to(tl.int64)
+        src = X + b * stride_b
+        # 1. the fused map as one flat register tile: the checks and P* = (thr, cut), the count-th smallest pair
+        i = tl.arange(0, BLOCK_NN)
+        mi = i < NN
+        flat_w, bad = _fused(src + i, mi, stride_h, H, FUSION)
+        if tl.max(bad.to(tl.int32), axis=0) > 0:
+            tl.atomic_or(FLAG, 1)
+        if SELECT:
+            key1 = _key(flat_w)
+            thr = _tile_rank_key(key1, mi, count - 1, HIST_MASK)
+            rem = count - tl.sum((mi & (key1 < thr)).to(tl.int32), axis=0)
+            cut = _tile_rank_key(i, mi & (key1 == thr), rem - 1, HIST_MASK)  # the rem-th tie in flat order
+        else:  # count = 0 keeps everything (no key is < 0); count >= N*N drops everything (but a protected entry 0)
+            thr = tl.program_id(0) * 0 + tl.where(count > 0, 2147483647, 0)
+            cut = tl.program_id(0) * 0 - 1
+        # 2. the discarded map by rows (the sample's maps are re-read from L2): row sums and the chain step
+        cols = tl.arange(0, BLOCK)
+        cm = cols < N
+        vrow = b * N
+        if LAST:
+            q = tl.load(Q + b)
+            if (q < 0) | (q >= N):
+                tl.atomic_or(FLAG, 2)
+            q = tl.minimum(tl.maximum(q, 0), N - 1).to(tl.int32)  # checked in the loaded width
+            flat = q * N + cols
+            a, _ = _fused(src + flat, cm, stride_h, H, FUSION)
+            a = tl.where(_dropped(_key(a), flat, thr, cut, PROTECT) | (cm == 0), 0.0, a)
+            s_q = tl.sum(a, axis=0) + 1.0
+            v = a / s_q + tl.where(cols == q, 1.0 / s_q, 0.0)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            rr = tl.arange(0, ROWS)
+            for r0 in range(0, N, ROWS):
+                rows = r0 + rr
+                m = (rows < N)[:, None] & cm[None, :]
+                flat = rows[:, None] * N + cols[None, :]
+                a, _ = _fused(src + flat, m, stride_h, H, FUSION)
+                a = tl.where(_dropped(_key(a), flat, thr, cut, PROTECT) | (m == 0), 0.0, a)
+                w = tl.load(V_IN + vrow + rows, mask=rows < N, other=0.0) / (tl.sum(a, axis=1) + 1.0)  # v_r / s_r
+                # its share of every column, plus v_r / s_r itself on the diagonal (the identity of A_d + I)
+                acc += tl.sum(w[:, None] * (a + tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)), axis=0)
+            v = acc
+        tl.store(V_OUT + vrow + cols, v, mask=cm)
+
+
 def discard_count(ratio: float, n: int) -> int:
     """Number of entries the discard zeroes, with the reference's exact float arithmetic."""
     return math.floor(ratio * n * n)
@@ -475,6 +558,11 @@ def rollout_forward(
             raise ValueError(f"rows must have shape [B] = [{b}], got {tuple(rows.shape)}")
         if rows.device != device or rows.dtype not in (torch.int32, torch.int64) or rows.stride(0) != 1:
             rows = rows.to(device=device, dtype=torch.int64).contiguous()
+    fusion = FUSION_CODES[head_fusion]
+    prot = protect == "entry0"
+    order = list(zip(maps, ratios))
+    if rows is not None and n <= SMALL_N:
+        return _small_query_chain(order, n, fusion, prot, rows)
     samples = SAMPLE_RUNS * SAMPLE_RUN
     cap = min(nn_, max(SELECT_CHUNK, nn_ // 8))
     work = torch.empty(b, nn_, device=device, dtype=torch.float32)
@@ -485,8 +573,6 @@ def rollout_forward(
     sums = torch.empty(b, n, device=device, dtype=torch.float32)
     thr = torch.empty(b, device=device, dtype=torch.int64)
     cut = torch.empty(b, device=device, dtype=torch.int64)
-    fusion = FUSION_CODES[head_fusion]
-    prot = protect == "entry0"
     block_n = min(1024, max(16, triton.next_power_of_2(n)))
     rows_arg = rows if rows is not None else thr
 
@@ -518,7 +604,6 @@ def rollout_forward(
             HIST_MASK=_HIST_MASK, num_warps=8,
         )  # fmt: skip
 
-    order = list(zip(maps, ratios))
     if rows is None:
         result = None
         bm = 16 if block_n <= 256 else 4
@@ -553,5 +638,32 @@ def rollout_forward(
         _reduce_kernel[(b, triton.cdiv(n, red_block))](
             part, sums, result, spare, n, num_rb, BLOCK_R=red_rows, BLOCK=red_block
         )
+        result, spare = spare, result
+    return result, flags
+
+
+def _small_query_chain(
+    order: Sequence[tuple[Tensor, float]], n: int, fusion: int, prot: bool, rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The query-row chain for ``N <= SMALL_N``: one launch per layer, each sample's layer held in registers."""
+    b = rows.shape[0]
+    device = rows.device
+    result = torch.empty(b, n, device=device, dtype=torch.float32)
+    spare = torch.empty(b, n, device=device, dtype=torch.float32)
+    flags = torch.zeros(1, device=device, dtype=torch.int32)
+    block = max(16, triton.next_power_of_2(n))
+    block_nn = max(16, triton.next_power_of_2(n * n))
+    warps = max(1, min(SMALL_WARPS, block_nn // 512))  # about 16 fp32 values of the flat tile per thread
+    for i, (attn, ratio) in enumerate(reversed(order)):
+        x = attn if attn.dim() == 4 else attn.unsqueeze(1)
+        if x.stride(-1) != 1 or x.stride(-2) != n:
+            x = x.contiguous()
+        count = discard_count(ratio, n)
+        _small_query_kernel[(b,)](
+            x, result, spare, rows, flags, n, n * n, count if 0 < count < n * n else (0 if count <= 0 else 1),
+            x.stride(0), x.stride(1), x.shape[1],
+            FUSION=fusion if x.shape[1] > 1 else 0, LAST=i == 0, SELECT=0 < count < n * n, PROTECT=prot,
+            BLOCK_NN=block_nn, BLOCK=block, ROWS=SMALL_ROWS, HIST_MASK=_HIST_MASK, num_warps=warps,
+        )  # fmt: skip
         result, spare = spare, result
     return result, flags
