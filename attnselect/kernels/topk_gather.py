@@ -85,7 +85,11 @@ if triton is not None:
         last_valid = tl.sum(tl.where(n == num_valid - 1, order, 0), axis=0)
         p = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         pm = p < K
-        picked = tl.sum(tl.where(p[:, None] == n[None, :], order[None, :], 0), axis=1)
+        # this program's slice of the sorted order: row pid(1) of the order viewed as [BLOCK_N / BLOCK_K, BLOCK_K]
+        # (BLOCK_N work, where comparing positions with tokens would take a [BLOCK_K, BLOCK_N] tile)
+        part = tl.arange(0, BLOCK_N // BLOCK_K)
+        rows2d = tl.reshape(order, [BLOCK_N // BLOCK_K, BLOCK_K])
+        picked = tl.sum(tl.where(part[:, None] == tl.program_id(1), rows2d, 0), axis=0)
         keep = p < num_valid
         idx = tl.where(keep, picked, last_valid)
         tl.store(IDX + b * K + p, idx.to(tl.int64), mask=pm)
@@ -214,7 +218,7 @@ def topk_gather_forward(
         valid = valid.contiguous()
     block_n = _pow2(n)
     block_k = min(64 if block_n <= 1024 else 16, _pow2(k))
-    block_d = min(256, _pow2(dim))
+    block_d = min(256 // tokens.element_size(), _pow2(dim))  # 256 bytes of a row per step, whatever the dtype
     if b and dim:
         _topk_gather_kernel[(b, (k + block_k - 1) // block_k)](
             scores,
