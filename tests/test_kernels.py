@@ -188,6 +188,21 @@ def test_rollout_select_fallbacks(device: str, monkeypatch: pytest.MonkeyPatch, 
 
 
 @pytest.mark.kernels
+def test_rollout_rows_wider_than_one_tile(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # rows wider than the column tile (N > 1024 in real use) loop over column tiles in every row pass
+    import importlib
+
+    mod = importlib.import_module("attnselect.kernels.rollout")
+    monkeypatch.setattr(mod, "SMALL_N", 0)
+    monkeypatch.setattr(mod, "ROW_TILE_MAX", 16)
+    maps = [m.to(device) for m in _softmax_maps(2, 3, 50, seed=11)]
+    for q in (None, torch.tensor([0, 37], device=device)):
+        ref = F.rollout(maps, discard_ratio=[0.3, 0.6], query=q)
+        out = K.rollout(maps, discard_ratio=[0.3, 0.6], query=q)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernels
 def test_rollout_does_not_modify_inputs(device: str) -> None:
     maps = [m.to(device) for m in _softmax_maps(2, 1, 12)]
     maps = [m[:, 0] for m in maps]  # [B,N,N] fp32: the kernel reads the caller's memory directly

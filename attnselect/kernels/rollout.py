@@ -63,6 +63,7 @@ FUSE_WARPS = 4
 SAMPLE_RUNS = 64
 SAMPLE_RUN = 32
 SELECT_CHUNK = 4096
+ROW_TILE_MAX = 1024  # widest column tile of the row passes; wider rows loop over column tiles
 BRACKET_SIGMAS = 5.0
 SMALL_N = 128  # query-row chains up to this N hold a sample's layer in registers: one launch per layer
 SMALL_WARPS = 16
@@ -297,11 +298,12 @@ if triton is not None:
                     match = (mw | mc) & ((packed >> hi_bit) == (prefix >> hi_bit))
                     best = tl.maximum(best, tl.where(match, packed, -1))
                 pstar = tl.max(best, axis=0)
-            thr = pstar >> 32
-            cut = pstar & 4294967295
-        else:  # count = 0 keeps everything, count >= N*N drops everything (but a protected entry 0)
-            thr = tl.where(count <= 0, zero - 1, zero + 2147483647).to(tl.int64) + tl.where(count <= 0, 0, 1)
-            cut = (zero - 1).to(tl.int64)
+            thr = (pstar >> 32).to(tl.int32)  # a key (< 2**31) and a flat index (< 2**30): 32-bit compares later
+            cut = (pstar & 4294967295).to(tl.int32)
+        else:  # count = 0 keeps everything (no key is < -1); count >= N*N drops everything (but a protected entry 0):
+            # every key of a finite value is below 2**31 - 1, and a NaN pattern equal to it is dropped through `cut`
+            thr = tl.where(count <= 0, zero - 1, zero + 2147483647)
+            cut = tl.where(count <= 0, zero - 1, zero + 2147483647)
         tl.store(THR + b, thr)
         tl.store(CUT + b, cut)
         if QUERY_ROW:
@@ -364,6 +366,7 @@ if triton is not None:
         CUT,
         N,
         PROTECT: tl.constexpr,
+        ONE_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -377,24 +380,34 @@ if triton is not None:
         cut = tl.load(CUT + b)
         base = W + b.to(tl.int64) * N * N
         vrow = b.to(tl.int64) * N
-        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for c0 in range(0, N, BLOCK_N):
-            c = c0 + cols
-            m = rm[:, None] & (c < N)[None, :]
-            flat = rows[:, None] * N + c[None, :]
-            w = tl.load(base + flat, mask=m, other=0.0)
-            acc += tl.sum(tl.where(_dropped(_key(w), flat, thr, cut, PROTECT), 0.0, w), axis=1)
-        s = acc + 1.0
-        tl.store(S + vrow + rows, s, mask=rm)
-        wv = tl.load(V_IN + vrow + rows, mask=rm, other=0.0) / s
         part = PART + (b.to(tl.int64) * tl.num_programs(1) + rb) * N
-        for c0 in range(0, N, BLOCK_N):
-            c = c0 + cols
-            m = rm[:, None] & (c < N)[None, :]
-            flat = rows[:, None] * N + c[None, :]
+        if ONE_BLOCK:  # the rows fit one tile (N <= BLOCK_N): read it once for both the sums and the share
+            m = rm[:, None] & (cols < N)[None, :]
+            flat = rows[:, None] * N + cols[None, :]
             w = tl.load(base + flat, mask=m, other=0.0)
             a = tl.where(_dropped(_key(w), flat, thr, cut, PROTECT), 0.0, w)
-            tl.store(part + c, tl.sum(wv[:, None] * a, axis=0), mask=c < N)
+            s = tl.sum(a, axis=1) + 1.0
+            tl.store(S + vrow + rows, s, mask=rm)
+            wv = tl.load(V_IN + vrow + rows, mask=rm, other=0.0) / s
+            tl.store(part + cols, tl.sum(wv[:, None] * a, axis=0), mask=cols < N)
+        else:
+            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c0 in range(0, N, BLOCK_N):
+                c = c0 + cols
+                m = rm[:, None] & (c < N)[None, :]
+                flat = rows[:, None] * N + c[None, :]
+                w = tl.load(base + flat, mask=m, other=0.0)
+                acc += tl.sum(tl.where(_dropped(_key(w), flat, thr, cut, PROTECT), 0.0, w), axis=1)
+            s = acc + 1.0
+            tl.store(S + vrow + rows, s, mask=rm)
+            wv = tl.load(V_IN + vrow + rows, mask=rm, other=0.0) / s
+            for c0 in range(0, N, BLOCK_N):
+                c = c0 + cols
+                m = rm[:, None] & (c < N)[None, :]
+                flat = rows[:, None] * N + c[None, :]
+                w = tl.load(base + flat, mask=m, other=0.0)
+                a = tl.where(_dropped(_key(w), flat, thr, cut, PROTECT), 0.0, w)
+                tl.store(part + c, tl.sum(wv[:, None] * a, axis=0), mask=c < N)
 
     @triton.jit
     def _reduce_kernel(PART, S, V_IN, V_OUT, N, NUM_RB, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
@@ -571,9 +584,9 @@ def rollout_forward(
     flags = counters[-1:]
     piv = torch.empty(b, 2, device=device, dtype=torch.int32)
     sums = torch.empty(b, n, device=device, dtype=torch.float32)
-    thr = torch.empty(b, device=device, dtype=torch.int64)
-    cut = torch.empty(b, device=device, dtype=torch.int64)
-    block_n = min(1024, max(16, triton.next_power_of_2(n)))
+    thr = torch.empty(b, device=device, dtype=torch.int32)
+    cut = torch.empty(b, device=device, dtype=torch.int32)
+    block_n = min(ROW_TILE_MAX, max(16, triton.next_power_of_2(n)))
     rows_arg = rows if rows is not None else thr
 
     def prepare(layer: int, attn: Tensor, ratio: float, query_row: bool, out: Tensor | None) -> None:
@@ -633,7 +646,18 @@ def rollout_forward(
             continue
         prepare(layer, attn, ratio, False, None)
         _rowblock_kernel[(b, num_rb)](
-            work, sums, result, part, thr, cut, n, PROTECT=prot, BLOCK_M=bm, BLOCK_N=block_n, num_warps=4
+            work,
+            sums,
+            result,
+            part,
+            thr,
+            cut,
+            n,
+            PROTECT=prot,
+            ONE_BLOCK=n <= block_n,
+            BLOCK_M=bm,
+            BLOCK_N=block_n,
+            num_warps=8 if n <= block_n else 4,  # the one-read tile stays in registers: 32 values per thread
         )
         _reduce_kernel[(b, triton.cdiv(n, red_block))](
             part, sums, result, spare, n, num_rb, BLOCK_R=red_rows, BLOCK=red_block
