@@ -488,3 +488,27 @@ def test_entry_point_survives_kernel_module_import() -> None:
 
     assert callable(K.rollout) and K.rollout.__module__ == "attnselect.kernels"
     assert sys.modules["attnselect.kernels.rollout"].__name__ == "attnselect.kernels.rollout"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the remaining awkward sizes, every kernel
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.kernels
+@pytest.mark.parametrize(("b", "n", "d"), [(3, 2, 384), (1, 193, 512), (1, 257, 384)])
+def test_every_kernel_at_awkward_sizes(device: str, b: int, n: int, d: int) -> None:
+    g = _gen(n + 1)
+    maps = [m.to(device) for m in _softmax_maps(b, 2, n, seed=n)]
+    rows = torch.randint(0, n, (b,), generator=g).to(device)
+    torch.testing.assert_close(K.rollout(maps, query=rows), F.rollout(maps, query=rows), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(K.rollout(maps), F.rollout(maps), rtol=1e-5, atol=1e-6)
+    q, k = (torch.randn(b, 2, n, 64, generator=g).to(device) for _ in range(2))
+    for causal in (False, True):
+        out = K.attention_probs(q, k, scale=0.125, causal=causal)
+        torch.testing.assert_close(out, F.attention_probs(q, k, scale=0.125, causal=causal), rtol=1e-5, atol=1e-6)
+    scores = (torch.randint(0, 5, (b, n), generator=g).float() / 5).to(device)  # ties
+    tokens = torch.randn(b, n, d, generator=g).to(device)
+    valid = (torch.rand(b, n, generator=g) > 0.3).to(device)
+    valid[:, 0] = True
+    out = K.select_topk_gather(scores, max(1, n // 2), tokens, valid=valid)
+    ref = _reference_topk_gather(scores, max(1, n // 2), tokens, valid)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
