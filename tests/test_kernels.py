@@ -75,7 +75,7 @@ def _assert_lowp_close(out: torch.Tensor, ref_lowp: torch.Tensor, ref32: torch.T
 @pytest.mark.kernels
 @pytest.mark.parametrize(
     ("b", "h", "n", "per_sample_query"),
-    [(1, 12, 1, False), (3, 4, 2, True), (3, 3, 50, True), (1, 2, 77, False), (1, 2, 197, True)],
+    [(1, 12, 1, False), (3, 4, 2, True), (3, 3, 50, True), (1, 2, 77, False), (1, 2, 128, True), (1, 2, 197, True)],
 )
 def test_rollout_matches_reference(
     device: str, query_chain: str, b: int, h: int, n: int, per_sample_query: bool
