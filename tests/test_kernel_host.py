@@ -35,8 +35,16 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _Launches(list):
+    """Names of the recorded launches, with their grids in ``grids``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grids: list[tuple[int, ...]] = []
+
+
 @pytest.fixture
-def launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def launches(monkeypatch: pytest.MonkeyPatch) -> _Launches:
     """Replace every Triton kernel of the three kernel modules by a recorder; returns the list of launched names."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("ATTNSELECT_KERNELS", raising=False)
@@ -44,7 +52,7 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import attnselect.kernels.rollout
     import attnselect.kernels.topk_gather  # noqa: F401
 
-    seen: list[str] = []
+    seen = _Launches()
 
     class Recorder:
         def __init__(self, name: str) -> None:
@@ -53,6 +61,7 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         def __getitem__(self, grid):
             def launch(*args, **kwargs) -> None:
                 seen.append(self.name)
+                seen.grids.append(tuple(grid))
 
             return launch
 
@@ -126,6 +135,13 @@ def test_capture_query_rows_are_read_in_place(launches: list[str]) -> None:
     # the output and the flag; a shared [R] row list is not expanded, int64 rows are not cast
     assert ops["empty"] == 1 and ops["zeros"] == 1, ops
     assert ops["expand"] == 0 and ops["_to_copy"] == 0, ops
+
+
+def test_capture_grid_puts_a_samples_row_blocks_side_by_side(launches: _Launches) -> None:
+    q, k = torch.randn(5, 2, 100, 16), torch.randn(5, 2, 100, 16)
+    K.attention_probs(q, k, scale=0.25)
+    (grid,) = launches.grids
+    assert grid[1] == 5 and grid[0] > 1, grid  # row blocks on the fast axis, the batch on the slow one
 
 
 def test_gate_decision_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

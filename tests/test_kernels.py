@@ -405,6 +405,25 @@ def test_capture_causal_bias_and_rows(device: str, head_fusion: str) -> None:
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("two_phase", [False, True])
+def test_capture_batch_on_either_grid_axis(device: str, monkeypatch: pytest.MonkeyPatch, two_phase: bool) -> None:
+    # row blocks run on the fast grid axis; a batch beyond CUDA's y limit puts the batch there instead
+    import importlib
+
+    mod = importlib.import_module("attnselect.kernels.capture")
+    if two_phase:
+        monkeypatch.setattr(mod, "ONEPASS_MAX_TILE", 0)
+    q, k = (t.to(device) for t in _qk(3, 2, 40, 32, seed=9))
+    rows = torch.tensor([[0, 39], [5, 6], [39, 1]], device=device)
+    expected = [F.attention_probs(q, k, scale=0.2, causal=True, query_rows=qr) for qr in (None, rows)]
+    for limit in (65535, 1):
+        monkeypatch.setattr(mod, "_MAX_GRID_Y", limit)
+        for qr, ref in zip((None, rows), expected):
+            out = K.attention_probs(q, k, scale=0.2, causal=True, query_rows=qr)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_capture_low_precision(device: str, dtype: torch.dtype) -> None:
     q32, k32 = (t.to(device) for t in _qk(2, 3, 50, 80, seed=4))  # head dim 80: padded to 128 in the kernel

@@ -99,6 +99,16 @@ if triton is not None:
         return tl.where(ok, s, float("-inf"))
 
     @triton.jit
+    def _program_ids(ROWS_FIRST: tl.constexpr):
+        # (sample, row block). With the row blocks on the fast grid axis a sample's row blocks run side by side and
+        # share its keys through L2; otherwise every row block of a wave belongs to a different sample and the keys
+        # are read from memory once per row block.
+        if ROWS_FIRST:
+            return tl.program_id(1).to(tl.int64), tl.program_id(0)
+        else:
+            return tl.program_id(0).to(tl.int64), tl.program_id(1)
+
+    @triton.jit
     def _rows_of(ROWS, FLAG, b, r, rm, srb, NQ, HAS_ROWS: tl.constexpr):
         if HAS_ROWS:
             qpos = tl.load(ROWS + b * srb + r, mask=rm, other=0)
@@ -146,10 +156,11 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        ROWS_FIRST: tl.constexpr,
     ):
         # the whole key range in one tile: each head's logits are computed once, normalised exactly and folded
-        b = tl.program_id(0).to(tl.int64)
-        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        b, rb = _program_ids(ROWS_FIRST)
+        r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         rm = r < R
         qpos = _rows_of(ROWS, FLAG, b, r, rm, srb, NQ, HAS_ROWS)
         d = tl.arange(0, BLOCK_D)
@@ -222,9 +233,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        ROWS_FIRST: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)
-        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        b, rb = _program_ids(ROWS_FIRST)
+        r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         rm = r < R
         qpos = _rows_of(ROWS, FLAG, b, r, rm, srb, NQ, HAS_ROWS)
         d = tl.arange(0, BLOCK_D)
@@ -290,6 +302,15 @@ ONEPASS_CONFIG = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32,
 def _onepass_config(keys_pow2: int, rows: int) -> tuple[int, int]:
     block_m, warps = ONEPASS_CONFIG[keys_pow2]
     return (16 if rows <= 16 else block_m), warps
+
+
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension
+
+
+def _grid(b: int, r: int, block_m: int) -> tuple[int, int]:
+    """Row blocks on the fast axis (a sample's row blocks share its keys through L2), unless B exceeds the y limit."""
+    blocks = (r + block_m - 1) // block_m
+    return (blocks, b) if b <= _MAX_GRID_Y else (b, blocks)
 
 
 def _interpreting() -> bool:
@@ -386,19 +407,20 @@ def attention_probs_forward(
     keys_pow2 = max(16, triton.next_power_of_2(nk))
     if keys_pow2 * block_d <= ONEPASS_MAX_TILE and not (ieee and not _interpreting() and keys_pow2 * block_d > 16384):
         block_m, warps = _onepass_config(keys_pow2, r)
-        _capture_onepass_kernel[(b, triton.cdiv(r, block_m))](
+        _capture_onepass_kernel[_grid(b, r, block_m)](
             q, k, bias if bias is not None else q, rows if rows is not None else q, out,
             flags if flags is not None else out, h, r, nq, nk, hd, float(scale),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *bs,
             rows_stride, out.stride(0), out.stride(1) if not fused else 0, out.stride(-2),
             HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, CAUSAL=bool(causal), FUSION=_FUSION[head_fusion],
-            IEEE=ieee, BLOCK_M=block_m, BLOCK_N=keys_pow2, BLOCK_D=block_d, num_warps=warps,
+            IEEE=ieee, BLOCK_M=block_m, BLOCK_N=keys_pow2, BLOCK_D=block_d, ROWS_FIRST=b <= _MAX_GRID_Y,
+            num_warps=warps,
         )  # fmt: skip
         return out, flags
     stats = torch.empty(b, h, r, 2, device=q.device, dtype=torch.float32)
     block_m = 32 if block_d <= 64 else 16
     block_n = 64 if block_d <= 128 else 32
-    _capture_kernel[(b, triton.cdiv(r, block_m))](
+    _capture_kernel[_grid(b, r, block_m)](
         q,
         k,
         bias if bias is not None else q,
@@ -432,6 +454,7 @@ def attention_probs_forward(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        ROWS_FIRST=b <= _MAX_GRID_Y,
         num_warps=4,
     )
     return out, flags
