@@ -99,6 +99,35 @@ if triton is not None:
         return tl.where(ok, s, float("-inf"))
 
     @triton.jit
+    def _fold_init(FUSION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # the identity of the head fusion: 0 for the mean's sum, -inf for max, +inf for min
+        if FUSION == 1:
+            acc = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
+        elif FUSION == 2:
+            acc = tl.full([BLOCK_M, BLOCK_N], float("inf"), dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        return acc
+
+    @triton.jit
+    def _fold(acc, p, FUSION: tl.constexpr):
+        # one head's probabilities into the accumulator (FUSION 3, per head, stores them instead and keeps acc)
+        if FUSION == 0:
+            acc += p
+        elif FUSION == 1:
+            acc = tl.maximum(acc, p)
+        elif FUSION == 2:
+            acc = tl.minimum(acc, p)
+        return acc
+
+    @triton.jit
+    def _store_fused(OUT, acc, b, r, cols, om, sob, sor, H, FUSION: tl.constexpr):
+        if FUSION != 3:
+            if FUSION == 0:
+                acc = acc / H
+            tl.store(OUT + b * sob + r[:, None].to(tl.int64) * sor + cols[None, :], acc, mask=om)
+
+    @triton.jit
     def _program_ids(ROWS_FIRST: tl.constexpr):
         # (sample, row block). With the row blocks on the fast grid axis a sample's row blocks run side by side and
         # share its keys through L2; otherwise every row block of a wave belongs to a different sample and the keys
@@ -166,12 +195,7 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)
         cols = tl.arange(0, BLOCK_N)
         om = rm[:, None] & (cols < NK)[None, :]
-        if FUSION == 0:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        elif FUSION == 1:
-            acc = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
-        else:
-            acc = tl.full([BLOCK_M, BLOCK_N], float("inf"), dtype=tl.float32)
+        acc = _fold_init(FUSION, BLOCK_M, BLOCK_N)
         for h in range(H):
             s = _logits(
                 Q, K, BIAS, b, h, qpos, rm, cols, d, NK, HD, scale,
@@ -185,16 +209,8 @@ if triton is not None:
             p = p * inv[:, None]
             if FUSION == 3:
                 tl.store(OUT + b * sob + h * soh + r[:, None].to(tl.int64) * sor + cols[None, :], p, mask=om)
-            elif FUSION == 0:
-                acc += p
-            elif FUSION == 1:
-                acc = tl.maximum(acc, p)
-            else:
-                acc = tl.minimum(acc, p)
-        if FUSION != 3:
-            if FUSION == 0:
-                acc = acc / H
-            tl.store(OUT + b * sob + r[:, None].to(tl.int64) * sor + cols[None, :], acc, mask=om)
+            acc = _fold(acc, p, FUSION)
+        _store_fused(OUT, acc, b, r, cols, om, sob, sor, H, FUSION)
 
     @triton.jit
     def _capture_kernel(
@@ -264,12 +280,7 @@ if triton is not None:
         for n0 in range(0, NK, BLOCK_N):
             cols = n0 + cols0
             om = rm[:, None] & (cols < NK)[None, :]
-            if FUSION == 0:
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            elif FUSION == 1:
-                acc = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
-            else:
-                acc = tl.full([BLOCK_M, BLOCK_N], float("inf"), dtype=tl.float32)
+            acc = _fold_init(FUSION, BLOCK_M, BLOCK_N)
             for h in range(H):
                 s = _logits(
                     Q, K, BIAS, b, h, qpos, rm, cols, d, NK, HD, scale,
@@ -281,16 +292,8 @@ if triton is not None:
                 if FUSION == 3:
                     dst = OUT + b * sob + h * soh + r[:, None].to(tl.int64) * sor + cols[None, :]
                     tl.store(dst, p, mask=om)
-                elif FUSION == 0:
-                    acc += p
-                elif FUSION == 1:
-                    acc = tl.maximum(acc, p)
-                else:
-                    acc = tl.minimum(acc, p)
-            if FUSION != 3:
-                if FUSION == 0:
-                    acc = acc / H
-                tl.store(OUT + b * sob + r[:, None].to(tl.int64) * sor + cols[None, :], acc, mask=om)
+                acc = _fold(acc, p, FUSION)
+            _store_fused(OUT, acc, b, r, cols, om, sob, sor, H, FUSION)
 
 
 # one-pass kernel: the largest keys x head-dim tile (next powers of two) it takes; above, the two-phase kernel runs
