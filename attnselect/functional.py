@@ -120,7 +120,13 @@ def _fused_fp32(attn: Tensor, mode: str) -> Tensor:
     if attn.dim() == 3:
         return attn.float()
     if mode == "mean":
-        return attn.mean(dim=1) if attn.dtype == torch.float32 else torch.mean(attn, dim=1, dtype=torch.float32)
+        # heads added one by one in order in fp32, then one correctly rounded division: a defined order (torch.mean's
+        # depends on the device and on H), which the Triton kernels follow, so both discard the same entries
+        heads = attn.shape[1]
+        acc = attn[:, 0].float() if heads == 1 else attn[:, 0].float() + attn[:, 1]
+        for h in range(2, heads):
+            acc += attn[:, h]
+        return acc / heads
     if mode == "max":
         return attn.amax(dim=1).float()
     return attn.amin(dim=1).float()
@@ -137,7 +143,7 @@ def fuse_heads(attn: Tensor, mode: str = "mean") -> Tensor:
         mode: ``"mean"``, ``"max"`` or ``"min"`` over heads.
 
     Returns:
-        ``[B,N,N]`` in the input dtype (the mean is accumulated in fp32).
+        ``[B,N,N]`` in the input dtype (the mean adds the heads in order in fp32, then divides by H).
 
     Examples:
         >>> fuse_heads(torch.rand(2, 12, 197, 197)).shape

@@ -17,29 +17,6 @@ import torch
 import attnselect.kernels as K
 from attnselect import functional as F
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
-]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request: pytest.FixtureRequest) -> str:
-    dev = request.param
-    if not K.kernels_enabled(torch.empty(0, device=dev)):
-        pytest.skip(f"Triton path off for {dev}: {K.explain(torch.empty(0, device=dev))}")
-    return dev
-
-
-@pytest.fixture(params=["registers", "multipass"])
-def query_chain(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both query-row chains: one sample's layer in registers (N <= SMALL_N), and the multi-pass kernels."""
-    import importlib
-
-    if request.param == "multipass":
-        monkeypatch.setattr(importlib.import_module("attnselect.kernels.rollout"), "SMALL_N", 0)
-    return request.param
-
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -406,6 +406,7 @@ class _TopkGatherFn(torch.autograd.Function):
         return indices, mask, out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the launch is opaque to autograd: refuse double backward
     def backward(ctx, grad_indices, grad_mask, grad_out):  # type: ignore[override]
         from .topk_gather import gather_backward
 
@@ -500,7 +501,8 @@ def rollout(
             rows = query.expand(batch) if query.dim() == 0 else query
             if rows.shape != (batch,):
                 raise ValueError(f"query must have shape [B] = [{batch}], got {tuple(rows.shape)}")
-            rows = rows.to(device=maps[0].device, dtype=torch.long)
+            if rows.device != maps[0].device or rows.dtype not in (torch.int32, torch.int64):
+                rows = rows.to(device=maps[0].device, dtype=torch.long)  # int32/int64 rows are read as they are
     if _tracing():
         return torch.ops.attnselect.rollout(list(maps), ratios, head_fusion, protect, rows)
     from .rollout import rollout_forward

@@ -63,6 +63,7 @@ FUSE_WARPS = 4
 SAMPLE_RUNS = 64
 SAMPLE_RUN = 32
 SELECT_CHUNK = 4096
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis
 ROW_TILE_MAX = 1024  # widest column tile of the row passes; wider rows loop over column tiles
 BRACKET_SIGMAS = 5.0
 SMALL_N = 128  # query-row chains up to this N hold a sample's layer in registers: one launch per layer
@@ -112,7 +113,10 @@ if triton is not None:
         # the same arithmetic wherever a fused value is needed: heads in order, fp32, mean = sum / H. A run-time loop
         # over heads (not unrolled: an unrolled one holds every head's tile in registers and spills)
         acc = tl.load(src, mask=m, other=0.0).to(tl.float32)
-        bad = (acc != acc) | (tl.abs(acc) == float("inf"))
+        if FUSION == 2:  # a minimum can hide an inf of any head, as in the reference
+            bad = (acc != acc) | (tl.abs(acc) == float("inf"))
+        else:  # mean and max carry a NaN or an inf of any head into `acc` (or max hides it, as the reference does)
+            bad = acc != acc
         for h in range(1, H):
             v = tl.load(src + h * stride_h, mask=m, other=0.0).to(tl.float32)
             if FUSION == 0:
@@ -122,8 +126,8 @@ if triton is not None:
             else:
                 acc = tl.minimum(acc, v, propagate_nan=tl.PropagateNan.ALL)
                 bad = bad | (v != v) | (tl.abs(v) == float("inf"))  # a minimum can hide an inf, as in the reference
-        if FUSION == 0:
-            acc = acc / H
+        if FUSION == 0:  # correctly rounded, as the reference (a plain `/` is an approximate division on the GPU)
+            acc = tl.math.div_rn(acc, tl.zeros_like(acc) + H)
         bad = bad | (acc < 0) | (acc != acc) | (tl.abs(acc) == float("inf"))
         return acc, bad & m
 
@@ -198,9 +202,15 @@ if triton is not None:
         FUSION: tl.constexpr,
         SELECT: tl.constexpr,
         BLOCK: tl.constexpr,
+        TILES_FIRST: tl.constexpr,
     ):
-        b = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        if TILES_FIRST:  # more tiles than CUDA's second grid axis takes (N > 8192): the tiles go on the first
+            b = tl.program_id(1)
+            tile = tl.program_id(0)
+        else:
+            b = tl.program_id(0)
+            tile = tl.program_id(1)
+        offs = tile * BLOCK + tl.arange(0, BLOCK)
         m = offs < NN
         acc, bad = _fused(X + b.to(tl.int64) * stride_b + offs, m, stride_h, H, FUSION)
         tl.store(W + b.to(tl.int64) * NN + offs, acc, mask=m)
@@ -606,9 +616,10 @@ def rollout_forward(
                 H=heads, FUSION=fus, RUNS=SAMPLE_RUNS, RUN=SAMPLE_RUN, WHOLE=whole, HIST_MASK=_HIST_MASK,
                 num_warps=8,
             )  # fmt: skip
-        _fuse_kernel[(b, triton.cdiv(nn_, FUSE_BLOCK))](
+        tiles = triton.cdiv(nn_, FUSE_BLOCK)
+        _fuse_kernel[(tiles, b) if tiles > _MAX_GRID_Y else (b, tiles)](
             x, work, piv, below, cnt, cand, flags, nn_, cap, x.stride(0), x.stride(1),
-            H=heads, FUSION=fus, SELECT=select, BLOCK=FUSE_BLOCK, num_warps=FUSE_WARPS,
+            H=heads, FUSION=fus, SELECT=select, BLOCK=FUSE_BLOCK, TILES_FIRST=tiles > _MAX_GRID_Y, num_warps=FUSE_WARPS,
         )  # fmt: skip
         _select_kernel[(b,)](
             work, piv, below, cnt, cand, thr, cut, rows_arg, out if out is not None else work, flags,

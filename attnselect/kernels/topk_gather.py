@@ -219,7 +219,7 @@ def topk_gather_forward(
     block_n = _pow2(n)
     block_k = min(64 if block_n <= 1024 else 16, _pow2(k))
     block_d = min(256 // tokens.element_size(), _pow2(dim))  # 256 bytes of a row per step, whatever the dtype
-    if b and dim:
+    if b:  # even with D = 0: the indices, mask and error codes are still written
         _topk_gather_kernel[(b, (k + block_k - 1) // block_k)](
             scores,
             valid if valid is not None else scores,  # never read without HAS_VALID
