@@ -106,21 +106,26 @@ def versions() -> str:
     return "; ".join(parts)
 
 
-@functools.cache
-def commit() -> str:
-    if os.environ.get("ATTNSELECT_BENCH_COMMIT"):  # a copy of the tree without .git (a remote benchmark machine)
-        return os.environ["ATTNSELECT_BENCH_COMMIT"]
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
         )
-        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@functools.cache
+def commit() -> str:
+    """Short HEAD commit, with ``+working-tree`` when tracked files differ from it (the figures are of that tree)."""
+    if os.environ.get("ATTNSELECT_BENCH_COMMIT"):  # a copy of the tree without .git (a remote benchmark machine)
+        return os.environ["ATTNSELECT_BENCH_COMMIT"]
+    head = _git("rev-parse", "--short", "HEAD")
+    if not head:
         return "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return head + ("+working-tree" if dirty else "")
 
 
 def _sync(device: str) -> None:

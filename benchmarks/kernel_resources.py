@@ -42,7 +42,6 @@ import importlib
 import importlib.util
 import inspect
 import math
-import os
 import re
 import subprocess
 import sys
@@ -58,8 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import RESULTS
-from harness import commit as head_commit
+from harness import RESULTS, commit
 
 DEFAULT_CSV = RESULTS / "kernel_resources.csv"
 COLUMNS = (
@@ -562,24 +560,6 @@ def cases(quick: bool = False) -> list[Case]:
 # ----------------------------------------------------------------------------------------------------------------------
 # the report
 # ----------------------------------------------------------------------------------------------------------------------
-def commit() -> str:
-    """Short HEAD commit, with ``+working-tree`` when tracked files differ from it."""
-    head = head_commit()
-    if os.environ.get("ATTNSELECT_BENCH_COMMIT") or head == "unknown":
-        return head
-    try:
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return head
-    return head + ("+working-tree" if dirty else "")
-
-
 def _compact(values: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         return str(int(v)) if isinstance(v, bool) else str(v)
