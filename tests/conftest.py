@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 
 import pytest
 import torch
@@ -25,15 +24,10 @@ def device(request: pytest.FixtureRequest) -> str:
     return dev
 
 
-def rollout_module():
-    """The kernel module ``attnselect.kernels.rollout`` (the package attribute of that name is the entry point)."""
-    importlib.import_module("attnselect.kernels.rollout")
-    return sys.modules["attnselect.kernels.rollout"]
-
-
 @pytest.fixture(params=["registers", "multipass"])
 def query_chain(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both query-row chains: one sample's layer in registers (N <= SMALL_N), and the multi-pass kernels."""
     if request.param == "multipass":
-        monkeypatch.setattr(rollout_module(), "SMALL_N", 0)
+        # import_module returns the kernel module (the package attribute of that name is the entry point)
+        monkeypatch.setattr(importlib.import_module("attnselect.kernels.rollout"), "SMALL_N", 0)
     return request.param
