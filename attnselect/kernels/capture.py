@@ -131,7 +131,7 @@ if triton is not None:
     def _program_ids(ROWS_FIRST: tl.constexpr):
         # (sample, row block). With the row blocks on the fast grid axis a sample's row blocks run side by side and
         # share its keys through L2; otherwise every row block of a wave belongs to a different sample and the keys
-        # are read from memory once per row block.
+        # are likely read from memory once per row block (reasoned from the launch order, not profiled).
         if ROWS_FIRST:
             return tl.program_id(1).to(tl.int64), tl.program_id(0)
         else:
@@ -311,7 +311,7 @@ _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension
 
 
 def _grid(b: int, r: int, block_m: int) -> tuple[int, int]:
-    """Row blocks on the fast axis (a sample's row blocks share its keys through L2), unless B exceeds the y limit."""
+    """Row blocks on the fast axis (a sample's row blocks can share its keys in L2), unless B exceeds the y limit."""
     blocks = (r + block_m - 1) // block_m
     return (blocks, b) if b <= _MAX_GRID_Y else (b, blocks)
 

@@ -30,7 +30,7 @@ Short sequences (query-row chain, ``N <= SMALL_N = 128``: the CLIP text tower's 
 does a whole layer of one sample in one program, one launch per layer and three small allocations per call instead of
 the eight launches above. It fuses the heads into a flat register tile of ``N*N`` values (the checks), finds
 ``P* = (T, cut)`` with two radix selects in registers (the key of rank ``count - 1``, then the flat index of the
-remaining rank among the entries equal to ``T``), and re-reads the sample's maps (from L2) by blocks of rows for the
+remaining rank among the entries equal to ``T``), and re-reads the sample's maps (L2, if still there) by rows for the
 row sums and the chain step ``v <- (v / s) @ A_d + v / s`` (the last layer: ``v = (A_d[q] + e_q) / s_q`` from row
 ``q`` only).
 
@@ -478,7 +478,7 @@ if triton is not None:
         else:  # count = 0 keeps everything (no key is < 0); count >= N*N drops everything (but a protected entry 0)
             thr = tl.program_id(0) * 0 + tl.where(count > 0, 2147483647, 0)
             cut = tl.program_id(0) * 0 - 1
-        # 2. the discarded map by rows (the sample's maps are re-read from L2): row sums and the chain step
+        # 2. the discarded map by rows (the sample's maps are read again, from L2 if still there): row sums, chain step
         cols = tl.arange(0, BLOCK)
         cm = cols < N
         vrow = b * N
