@@ -7,8 +7,9 @@ Providers, all on the same per-head maps ``[B,H,N,N]`` of two layers, discard ra
 - ``reference_full`` / ``reference_query``: :func:`attnselect.functional.rollout` (full product / query row 0);
 - ``reference_query_compiled``: the query-row reference under ``torch.compile`` (default inductor backend);
 - ``triton_full`` / ``triton_query``: :func:`attnselect.kernels.rollout` on CUDA;
-- ``triton_query_multipass``: the same query row through the multi-pass kernels, at shapes (``N <= SMALL_N``) where
-  the gate picks the one-program-per-layer chain;
+- ``triton_query_per_sample`` / ``triton_query_multipass``: the same query row through each query-row chain the gate
+  does not pick at that shape but could run it (``per_sample``: ``N <= SAMPLE_N_MAX``), so one run compares them
+  (which chain ``triton_query`` takes is printed);
 - ``floor``: one ``torch.mean`` over heads of the same maps, the least any rollout must do (read every map once).
 
 Shapes: CPU ``B=64, H=12, N=193``; CUDA ITSELF image ``B=256, H=12, N=193``, ITSELF text ``B=256, H=8, N=77``,
@@ -49,14 +50,33 @@ def _maps(b: int, h: int, n: int, dtype: torch.dtype, device: str, causal: bool)
     return out
 
 
-def _multipass(kernel_module, maps: list[torch.Tensor]) -> torch.Tensor:
+#: what routes the query-row chain to each implementation, whatever the gate would pick at that shape
+CHAIN_KNOBS = {
+    "per_sample": {"SMALL_N": 0, "SAMPLE_MIN_BATCH": 1},
+    "multipass": {"SMALL_N": 0, "SAMPLE_N_MAX": 0},
+}
+
+
+def _forced(kernel_module, chain: str, maps: list[torch.Tensor]) -> torch.Tensor:
     import attnselect.kernels as K
 
-    small, kernel_module.SMALL_N = kernel_module.SMALL_N, 0
+    saved = {k: getattr(kernel_module, k) for k in CHAIN_KNOBS[chain]}
     try:
+        for k, v in CHAIN_KNOBS[chain].items():
+            setattr(kernel_module, k, v)
         return K.rollout(maps, discard_ratio=0.25, query=0)
     finally:
-        kernel_module.SMALL_N = small
+        for k, v in saved.items():
+            setattr(kernel_module, k, v)
+
+
+def _other_chains(kernel_module, b: int, n: int, device: str) -> list[str]:
+    """The query-row chains the gate does not pick at this shape but could run it (compared side by side)."""
+    picked = kernel_module.query_chain(b, n, torch.device(device)).replace("-", "_")
+    possible = ["multipass"]  # N <= SMALL_N always takes the registers chain: it is never the other one
+    if n <= kernel_module.SAMPLE_N_MAX:
+        possible.append("per_sample")
+    return [c for c in possible if c != picked]
 
 
 def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list[Row]:
@@ -88,16 +108,21 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
             ("triton_query", lambda: K.rollout(maps, discard_ratio=0.25, query=0), query_bytes),
         ]
         kernel_module = importlib.import_module("attnselect.kernels.rollout")
-        if n <= kernel_module.SMALL_N:  # the multi-pass chain at a shape the one-program-per-layer chain takes
-            providers.append(("triton_query_multipass", lambda: _multipass(kernel_module, maps), query_bytes))
+        print(f"triton_query takes the {kernel_module.query_chain(b, n, torch.device(device))} chain", file=sys.stderr)
+        for chain in _other_chains(kernel_module, b, n, device):
+            providers.append(
+                (f"triton_query_{chain}", lambda chain=chain: _forced(kernel_module, chain, maps), query_bytes)
+            )
     providers.append(("floor", lambda: [m.mean(dim=1) for m in maps], in_bytes + in_bytes // h))
     # the paths must agree before their times mean anything
     ref = F.rollout(maps, discard_ratio=0.25)
     pub = published_rollout(maps, 0.25).float()
     print(f"check: published vs reference max abs diff {(pub - ref).abs().max().item():.2e}", file=sys.stderr)
     if triton_ok:
-        diff = (K.rollout(maps, discard_ratio=0.25, query=0) - ref[:, 0]).abs().max().item()
-        print(f"check: triton query vs reference max abs diff {diff:.2e}", file=sys.stderr)
+        for provider, fn, _ in providers:
+            if provider.startswith("triton_query"):
+                diff = (fn() - ref[:, 0]).abs().max().item()
+                print(f"check: {provider} vs reference max abs diff {diff:.2e}", file=sys.stderr)
     for provider, fn, nbytes in providers:
         reps = max(1, args.reps // 3) if provider == "published" and device == "cpu" else args.reps
         rows.append(

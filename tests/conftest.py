@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,10 +25,32 @@ def device(request: pytest.FixtureRequest) -> str:
     return dev
 
 
-@pytest.fixture(params=["registers", "multipass"])
+def _force_chain(monkeypatch: pytest.MonkeyPatch, chain: str) -> None:
+    """Route the rollout's query-row chains to one implementation, whatever N and B are.
+
+    ``"registers"``: the defaults (one sample's layer in registers up to ``SMALL_N``; above it, on CPU, one program
+    per sample); ``"per-sample"``: one program per sample through its workspace row, at any N up to ``SAMPLE_N_MAX``
+    and any batch; ``"multipass"``: the multi-pass kernels (pivots, fusion, select, row blocks).
+    """
+    mod = importlib.import_module("attnselect.kernels.rollout")  # the module (the package attribute is a function)
+    if chain not in ("registers", "per-sample", "multipass"):
+        raise ValueError(f"unknown chain {chain!r}")
+    if chain != "registers":
+        monkeypatch.setattr(mod, "SMALL_N", 0)
+    if chain == "per-sample":
+        monkeypatch.setattr(mod, "SAMPLE_MIN_BATCH", 1)
+    if chain == "multipass":
+        monkeypatch.setattr(mod, "SAMPLE_N_MAX", 0)
+
+
+@pytest.fixture(params=["registers", "per-sample", "multipass"])
 def query_chain(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both query-row chains: one sample's layer in registers (N <= SMALL_N), and the multi-pass kernels."""
-    if request.param == "multipass":
-        # import_module returns the kernel module (the package attribute of that name is the entry point)
-        monkeypatch.setattr(importlib.import_module("attnselect.kernels.rollout"), "SMALL_N", 0)
+    """Every query-row chain of the rollout (see :func:`_force_chain`)."""
+    _force_chain(monkeypatch, request.param)
     return request.param
+
+
+@pytest.fixture
+def force_chain(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``force_chain("multipass")`` routes this test's query-row chains to one implementation (undone after it)."""
+    return lambda chain: _force_chain(monkeypatch, chain)

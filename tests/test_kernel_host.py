@@ -10,7 +10,9 @@ a synchronisation is checked with a plain host ring whose slots the test writes,
 from __future__ import annotations
 
 import collections
+import importlib
 import sys
+import types
 
 import pytest
 import torch
@@ -109,7 +111,7 @@ def test_topk_gather_backward_is_one_launch_without_zero_fills(launches: list[st
     assert tokens.grad is not None and tokens.grad.shape == tokens.shape
 
 
-def test_rollout_query_path_launches(launches: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rollout_query_path_launches(launches: list[str], force_chain) -> None:
     maps = [torch.softmax(torch.randn(2, 4, 17, 17), -1) for _ in range(2)]
     query = torch.tensor([3, 16])
     ops = _count(lambda: K.rollout(maps, query=query))
@@ -118,7 +120,14 @@ def test_rollout_query_path_launches(launches: list[str], monkeypatch: pytest.Mo
     assert ops["empty"] == 2 and ops["zeros"] == 1, ops
     assert ops["_to_copy"] == 0 and ops["copy_"] == 0, ops  # int64 query rows are read as they are
     launches.clear()
-    monkeypatch.setattr(sys.modules["attnselect.kernels.rollout"], "SMALL_N", 0)
+    force_chain("per-sample")
+    ops = _count(lambda: K.rollout(maps, query=query))
+    # one program per sample: one launch per layer; the workspace, the result, its double buffer and the error flag
+    assert launches == ["_sample_query_kernel"] * 2
+    assert ops["empty"] == 3 and ops["zeros"] == 1, ops
+    assert ops["_to_copy"] == 0 and ops["copy_"] == 0, ops
+    launches.clear()
+    force_chain("multipass")
     ops = _count(lambda: K.rollout(maps, query=query))
     # the multi-pass chain, per layer: pivots, fusion, select; the earlier layer adds its row-block pass and the sum
     assert sorted(launches) == sorted(
@@ -220,3 +229,24 @@ def test_check_errors_drains_every_queue(monkeypatch: pytest.MonkeyPatch) -> Non
         K.check_errors()
     K.check_errors()
     assert not queue.pending
+
+
+def test_query_chain_choice_follows_n_batch_and_sm_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = sys.modules.get("attnselect.kernels.rollout") or importlib.import_module("attnselect.kernels.rollout")
+    props = types.SimpleNamespace(multi_processor_count=132)  # an H100 SXM
+    monkeypatch.setattr(mod, "_sm_counts", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = torch.device("cuda")
+    assert mod.query_chain(256, 77, cuda) == "registers"  # the text tower, whatever the batch
+    assert mod.query_chain(1, 128, cuda) == "registers"
+    assert mod.query_chain(256, 193, cuda) == "per-sample"  # a program per sample fills the 132 SMs
+    assert mod.query_chain(132, 193, torch.device("cuda", 0)) == "per-sample"
+    assert mod.query_chain(131, 193, cuda) == "multipass"  # too few samples: each is spread over many programs
+    assert mod.query_chain(64, 577, cuda) == "multipass"
+    assert mod.query_chain(512, 257, cuda) == "multipass"  # beyond SAMPLE_N_MAX
+    assert mod.query_chain(512, 1025, cuda) == "multipass"
+    assert mod._sm_counts == {0: 132}  # asked once per device
+    assert mod.query_chain(8, 193, torch.device("cpu")) == "per-sample"  # the interpreter has no SM count
+    monkeypatch.setattr(mod, "SAMPLE_MIN_BATCH", 1000)
+    assert mod.query_chain(256, 193, cuda) == "multipass"

@@ -148,12 +148,14 @@ def test_rollout_stacked_and_bad_input(device: str) -> None:
 
 @pytest.mark.kernels
 @pytest.mark.parametrize(("sigmas", "chunk"), [(-10.0, 4096), (50.0, 256), (5.0, 64)])
-def test_rollout_select_fallbacks(device: str, monkeypatch: pytest.MonkeyPatch, sigmas: float, chunk: int) -> None:
+def test_rollout_select_fallbacks(
+    device: str, monkeypatch: pytest.MonkeyPatch, force_chain, sigmas: float, chunk: int
+) -> None:
     # a pivot bracket that misses the target, a candidate list that overflows, candidates spread over several chunks
     import importlib
 
     mod = importlib.import_module("attnselect.kernels.rollout")
-    monkeypatch.setattr(mod, "SMALL_N", 0)  # the multi-pass select, whose fallbacks these are
+    force_chain("multipass")  # the multi-pass select, whose fallbacks these are
     monkeypatch.setattr(mod, "BRACKET_SIGMAS", sigmas)
     monkeypatch.setattr(mod, "SELECT_CHUNK", chunk)
     maps = [m.to(device) for m in _softmax_maps(2, 3, 50, seed=7)]  # N*N = 2500 > 2048 samples: the pivot path
@@ -165,12 +167,12 @@ def test_rollout_select_fallbacks(device: str, monkeypatch: pytest.MonkeyPatch, 
 
 
 @pytest.mark.kernels
-def test_rollout_rows_wider_than_one_tile(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rollout_rows_wider_than_one_tile(device: str, monkeypatch: pytest.MonkeyPatch, force_chain) -> None:
     # rows wider than the column tile (N > 1024 in real use) loop over column tiles in every row pass
     import importlib
 
     mod = importlib.import_module("attnselect.kernels.rollout")
-    monkeypatch.setattr(mod, "SMALL_N", 0)
+    force_chain("multipass")
     monkeypatch.setattr(mod, "ROW_TILE_MAX", 16)
     maps = [m.to(device) for m in _softmax_maps(2, 3, 50, seed=11)]
     for q in (None, torch.tensor([0, 37], device=device)):
@@ -508,3 +510,26 @@ def test_every_kernel_at_awkward_sizes(device: str, b: int, n: int, d: int) -> N
     out = K.select_topk_gather(scores, max(1, n // 2), tokens, valid=valid)
     ref = _reference_topk_gather(scores, max(1, n // 2), tokens, valid)
     assert all(torch.equal(o, r) for o, r in zip(out, ref))
+
+
+@pytest.mark.kernels
+def test_rollout_benchmark_runs_every_chain(device: str) -> None:
+    # bench_rollout.py times the chains the gate does not pick beside the one it does: each must be the rollout
+    import importlib
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        bench = importlib.import_module("bench_rollout")
+    finally:
+        sys.path.pop(0)
+    mod = importlib.import_module("attnselect.kernels.rollout")
+    maps = [m.to(device) for m in _softmax_maps(3, 2, 29, seed=5)]
+    ref = F.rollout(maps, discard_ratio=0.25, query=0)
+    for chain in ("per_sample", "multipass"):
+        torch.testing.assert_close(bench._forced(mod, chain, maps), ref, rtol=1e-5, atol=1e-6)
+    before = {k: getattr(mod, k) for k in ("SMALL_N", "SAMPLE_N_MAX", "SAMPLE_MIN_BATCH")}
+    bench._forced(mod, "multipass", maps)
+    assert {k: getattr(mod, k) for k in before} == before  # the knobs are put back
+    assert bench._other_chains(mod, 3, 29, device) == ["multipass", "per_sample"]  # N <= SMALL_N: registers taken
+    assert bench._other_chains(mod, 3, mod.SAMPLE_N_MAX + 1, device) == []  # only the multi-pass chain runs there

@@ -4,8 +4,9 @@ Inputs chosen to break the kernels rather than to look like real data: token cou
 below a power of two, maps made of massive ties, ratios at ``0``, ``1``, ``1/(N*N)`` and ``(N*N-1)/(N*N)``, rows that
 are discarded whole, non-contiguous and broadcast inputs, query rows in every integer width, feature widths that are
 not a multiple of the gather step, and the error queue driven through wrap-around. Both query-row chains of the
-rollout are exercised: one sample's layer in registers (``N <= SMALL_N``) and the multi-pass kernels (``SMALL_N``
-set to 0), and the row passes' column-tiled branch (``ROW_TILE_MAX`` set to 16).
+rollout are exercised (the ``query_chain`` and ``force_chain`` fixtures): one sample's layer in registers
+(``N <= SMALL_N``), one program per sample through its workspace row, and the multi-pass kernels, and the row passes'
+column-tiled branch (``ROW_TILE_MAX`` set to 16).
 
 Every test compares with :mod:`attnselect.functional` (or hand-computed values). Tests marked ``xfail(strict=True)``
 document a known defect; each states the input, what the reference gives and what the kernel gives.
@@ -59,7 +60,7 @@ def _every_query_row(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# rollout, query-row chain held in registers (N <= SMALL_N) and the multi-pass chain
+# rollout, the three query-row chains: in registers (N <= SMALL_N), one program per sample, multi-pass
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("n", "h", "head_fusion", "dtype"),
@@ -75,7 +76,9 @@ def _every_query_row(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (128, 1, "mean", torch.float32),  # the largest chain held in registers
     ],
 )
-def test_query_chain_exact_at_awkward_sizes(device: str, n: int, h: int, head_fusion: str, dtype: torch.dtype) -> None:
+def test_query_chain_exact_at_awkward_sizes(
+    device: str, query_chain: str, n: int, h: int, head_fusion: str, dtype: torch.dtype
+) -> None:
     # the earlier layer is read back through every row: the last layer is all ones with nothing discarded, so every
     # row of the earlier layer carries weight and each of its discarded entries shows in the result
     nn = n * n
@@ -97,15 +100,16 @@ def test_query_chain_exact_at_awkward_sizes(device: str, n: int, h: int, head_fu
         ("registers", "mostly_zero"),
         ("registers", "dyadic"),
         ("registers", "one_distinct"),
+        ("per-sample", "all_equal"),
+        ("per-sample", "mostly_zero"),
+        ("per-sample", "dyadic"),
+        ("per-sample", "one_distinct"),
         ("multipass", "all_equal"),
         ("multipass", "mostly_zero"),
     ],
 )
-def test_query_rows_every_discard_with_massive_ties(
-    device: str, monkeypatch: pytest.MonkeyPatch, chain: str, kind: str
-) -> None:
-    if chain == "multipass":
-        monkeypatch.setattr(_rollout_module(), "SMALL_N", 0)
+def test_query_rows_every_discard_with_massive_ties(device: str, force_chain, chain: str, kind: str) -> None:
+    force_chain(chain)
     n = 6
     g = _gen(7)
     if kind == "all_equal":
@@ -255,8 +259,8 @@ def test_bad_arguments_raise_the_reference_error_kinds(device: str) -> None:
 # rollout, multi-pass path: int32 thresholds, "drop everything", the column-tiled row passes
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [7, 46])  # 46: N*N > 2048, the pivots come from a sample of the map
-def test_multipass_thresholds_at_the_extremes(device: str, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    monkeypatch.setattr(_rollout_module(), "SMALL_N", 0)
+def test_multipass_thresholds_at_the_extremes(device: str, force_chain, n: int) -> None:
+    force_chain("multipass")
     a = _dyadic((2, n, n), seed=n).to(device)  # strictly positive: R = (A_d + I) / s is zero exactly where dropped
     a[:, 0, 0] = 0.125  # entry 0 among the smallest
     nn = n * n
@@ -276,9 +280,9 @@ def test_multipass_thresholds_at_the_extremes(device: str, monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize("chain", ["query", "full"])
-def test_column_tiled_row_passes(device: str, monkeypatch: pytest.MonkeyPatch, chain: str) -> None:
+def test_column_tiled_row_passes(device: str, monkeypatch: pytest.MonkeyPatch, force_chain, chain: str) -> None:
     mod = _rollout_module()
-    monkeypatch.setattr(mod, "SMALL_N", 0)
+    force_chain("multipass")
     monkeypatch.setattr(mod, "ROW_TILE_MAX", 16)  # N = 37 spans three column tiles, the last one partial
     n = 37
     maps = [_dyadic((2, 2, n, n), seed=i).to(device) for i in range(3)]
@@ -344,9 +348,9 @@ def test_mean_fusion_of_32_heads_discards_like_the_reference(cpu: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's grid limits apply on a GPU only")
-def test_fuse_tiles_on_the_first_grid_axis(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fuse_tiles_on_the_first_grid_axis(device: str, monkeypatch: pytest.MonkeyPatch, force_chain) -> None:
     # more fusion tiles than the second grid axis takes (N > 8192 on CUDA) go on the first axis
-    monkeypatch.setattr(_rollout_module(), "SMALL_N", 0)
+    force_chain("multipass")
     monkeypatch.setattr(_rollout_module(), "_MAX_GRID_Y", 2)  # N = 50: 3 tiles of 1024
     maps = [torch.softmax(torch.randn(2, 2, 50, 50, generator=_gen(i)), -1).to(device) for i in range(2)]
     for q in (None, torch.tensor([0, 49], device=device)):

@@ -34,8 +34,20 @@ remaining rank among the entries equal to ``T``), and re-reads the sample's maps
 row sums and the chain step ``v <- (v / s) @ A_d + v / s`` (the last layer: ``v = (A_d[q] + e_q) / s_q`` from row
 ``q`` only).
 
-Memory traffic per layer: the maps once, the fp32 workspace written once and read once (plus a few per cent for the
-candidates); everything else is per-sample scalars. Accumulation is fp32 throughout.
+Longer query-row chains over a large batch (``SMALL_N < N <= SAMPLE_N_MAX = 256`` and at least one sample per SM:
+ITSELF's image tower, ``B = 256, N = 193``): ``_sample_query_kernel`` again does a whole layer of one sample in one
+program, one launch per layer, but through the sample's row of the fp32 workspace instead of registers. It reads the
+maps once (streamed with an evict-first cache hint), writes the fused map to ``W[b]`` (kept with evict-last) and the
+histogram of the keys' top byte, then finds ``P*`` by radix select over ``W[b]`` (three more passes of 8 bits, read
+back from L2 while the workspace rows of the samples in flight fit there: ``2 x SMs x N*N x 4`` bytes, 39 MB at
+``N = 193`` on an H100) and a pass for the flat index among ties only when the threshold's key is shared and not
+dropped whole, and ends with the row pass of the chain step. No pivots, no candidate list, no cross-program
+reduction; the batch must fill the GPU by itself (smaller batches take the multi-pass kernels, whose grids span
+``B x tiles``).
+
+Memory traffic per layer: the maps once; the fp32 workspace written once and read once by the multi-pass kernels
+(plus a few per cent for the candidates), written once and read four times (from L2 where it fits) by the per-sample
+kernel; everything else is per-sample scalars. Accumulation is fp32 throughout.
 
 Limits: N up to 2**15 (flat indices fit in 32 bits). Inputs must be finite and non-negative, as the reference
 requires: the kernels flag bad values and bad query rows in a small device buffer that the caller checks (see
@@ -51,7 +63,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["FLAG_BAD_MAPS", "FLAG_BAD_QUERY", "FUSION_CODES", "rollout_forward"]
+__all__ = ["FLAG_BAD_MAPS", "FLAG_BAD_QUERY", "FUSION_CODES", "query_chain", "rollout_forward"]
 
 FUSION_CODES = {"mean": 0, "max": 1, "min": 2}
 FLAG_BAD_MAPS = 1
@@ -69,6 +81,10 @@ BRACKET_SIGMAS = 5.0
 SMALL_N = 128  # query-row chains up to this N hold a sample's layer in registers: one launch per layer
 SMALL_WARPS = 16
 SMALL_ROWS = 16
+SAMPLE_N_MAX = 256  # longer query-row chains with at least SAMPLE_MIN_BATCH samples take one program per sample
+SAMPLE_MIN_BATCH: int | None = None  # None: the GPU's SM count (1 on CPU)
+SAMPLE_BLOCK = 4096  # the per-sample kernel's flat tile: 16 values a thread on 8 warps (128 registers, 2 blocks/SM)
+SAMPLE_WARPS = 8
 
 try:
     import triton
@@ -109,16 +125,40 @@ if triton is not None:
         return drop
 
     @triton.jit
-    def _fused(src, m, stride_h, H, FUSION: tl.constexpr):
+    def _query_row(Q, b, N, FLAG):
+        # sample b's query row: flagged when outside [0, N) (checked in the loaded width), then clamped into it
+        q = tl.load(Q + b)
+        if (q < 0) | (q >= N):
+            tl.atomic_or(FLAG, 2)
+        return tl.minimum(tl.maximum(q, 0), N - 1).to(tl.int32)
+
+    @triton.jit
+    def _last_layer_step(a, flat, q, cols, cm, thr, cut, PROTECT: tl.constexpr):
+        # row q of the last layer (entries `a` at flat indices `flat`, columns `cols`): v = (A_d[q] + e_q) / s_q
+        a = tl.where(_dropped(_key(a), flat, thr, cut, PROTECT) | (cm == 0), 0.0, a)
+        s_q = tl.sum(a, axis=0) + 1.0
+        return a / s_q + tl.where(cols == q, 1.0 / s_q, 0.0)
+
+    @triton.jit
+    def _rows_share(a, flat, m, rows, cols, V_ROW, N, thr, cut, PROTECT: tl.constexpr):
+        # a block of rows of an earlier layer (entries `a`): their share sum_r (v_r / s_r) (A_d + I)[r, :] of the
+        # chain step, v read from the sample's row V_ROW; the identity adds v_r / s_r itself on the diagonal
+        a = tl.where(_dropped(_key(a), flat, thr, cut, PROTECT) | (m == 0), 0.0, a)
+        w = tl.load(V_ROW + rows, mask=rows < N, other=0.0) / (tl.sum(a, axis=1) + 1.0)
+        return tl.sum(w[:, None] * (a + tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)), axis=0)
+
+    @triton.jit
+    def _fused(src, m, stride_h, H, FUSION: tl.constexpr, EVICT: tl.constexpr = ""):
         # the same arithmetic wherever a fused value is needed: heads in order, fp32, mean = sum / H. A run-time loop
-        # over heads (not unrolled: an unrolled one holds every head's tile in registers and spills)
-        acc = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        # over heads (not unrolled: an unrolled one holds every head's tile in registers and spills). EVICT is the
+        # loads' cache eviction hint ("evict_first" where the maps are streamed once and a workspace should stay)
+        acc = tl.load(src, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
         if FUSION == 2:  # a minimum can hide an inf of any head, as in the reference
             bad = (acc != acc) | (tl.abs(acc) == float("inf"))
         else:  # mean and max carry a NaN or an inf of any head into `acc` (or max hides it, as the reference does)
             bad = acc != acc
         for h in range(1, H):
-            v = tl.load(src + h * stride_h, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(src + h * stride_h, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
             if FUSION == 0:
                 acc += v
             elif FUSION == 1:
@@ -317,11 +357,7 @@ if triton is not None:
         tl.store(THR + b, thr)
         tl.store(CUT + b, cut)
         if QUERY_ROW:
-            q = tl.load(Q + b)
-            bad_q = (q < 0) | (q >= N)
-            if bad_q:
-                tl.atomic_or(FLAG, 2)
-            q = tl.minimum(tl.maximum(q, 0), N - 1).to(tl.int32)  # checked in the loaded width
+            q = _query_row(Q, b, N, FLAG)
             row = W + b.to(tl.int64) * NN + q * N
             cols = tl.arange(0, BLOCK_N)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -483,28 +519,121 @@ if triton is not None:
         cm = cols < N
         vrow = b * N
         if LAST:
-            q = tl.load(Q + b)
-            if (q < 0) | (q >= N):
-                tl.atomic_or(FLAG, 2)
-            q = tl.minimum(tl.maximum(q, 0), N - 1).to(tl.int32)  # checked in the loaded width
+            q = _query_row(Q, b, N, FLAG)
             flat = q * N + cols
             a, _ = _fused(src + flat, cm, stride_h, H, FUSION)
-            a = tl.where(_dropped(_key(a), flat, thr, cut, PROTECT) | (cm == 0), 0.0, a)
-            s_q = tl.sum(a, axis=0) + 1.0
-            v = a / s_q + tl.where(cols == q, 1.0 / s_q, 0.0)
+            v = _last_layer_step(a, flat, q, cols, cm, thr, cut, PROTECT)
         else:
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            v = tl.zeros([BLOCK], dtype=tl.float32)
             rr = tl.arange(0, ROWS)
             for r0 in range(0, N, ROWS):
                 rows = r0 + rr
                 m = (rows < N)[:, None] & cm[None, :]
                 flat = rows[:, None] * N + cols[None, :]
                 a, _ = _fused(src + flat, m, stride_h, H, FUSION)
-                a = tl.where(_dropped(_key(a), flat, thr, cut, PROTECT) | (m == 0), 0.0, a)
-                w = tl.load(V_IN + vrow + rows, mask=rows < N, other=0.0) / (tl.sum(a, axis=1) + 1.0)  # v_r / s_r
-                # its share of every column, plus v_r / s_r itself on the diagonal (the identity of A_d + I)
-                acc += tl.sum(w[:, None] * (a + tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)), axis=0)
-            v = acc
+                v += _rows_share(a, flat, m, rows, cols, V_IN + vrow, N, thr, cut, PROTECT)
+        tl.store(V_OUT + vrow + cols, v, mask=cm)
+
+    @triton.jit
+    def _sample_query_kernel(
+        X,
+        W,
+        V_IN,
+        V_OUT,
+        Q,
+        FLAG,
+        N,
+        NN,
+        count,
+        stride_b,
+        stride_h,
+        H,
+        FUSION: tl.constexpr,
+        LAST: tl.constexpr,
+        SELECT: tl.constexpr,
+        PROTECT: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        ROWS: tl.constexpr,
+        HIST_MASK: tl.constexpr,
+    ):
+        # one sample's layer in one program, through the sample's own fp32 workspace row W[b] (read back from L2):
+        # one step of the query-row chain, v <- (v / s) @ A_d + v / s, or for the last layer v <- (A_d[q] + e_q) / s_q
+        b = tl.program_id(0).to(tl.int64)
+        src = X + b * stride_b
+        wb = W + b * NN
+        i = tl.arange(0, BLOCK)
+        bins = tl.arange(0, 256)
+        # 1. the maps, once: fused heads into W[b], the input checks, and the histogram of the keys' top byte
+        hist = tl.zeros([256], dtype=tl.int32)
+        any_bad = tl.program_id(0) * 0
+        for t0 in range(0, NN, BLOCK):
+            idx = t0 + i
+            m = idx < NN
+            acc, bad = _fused(src + idx, m, stride_h, H, FUSION, "evict_first")
+            tl.store(wb + idx, acc, mask=m, eviction_policy="evict_last")
+            any_bad = tl.maximum(any_bad, tl.max(bad.to(tl.int32), axis=0))
+            if SELECT:
+                hist += _hist256(_key(acc) >> 24, m, HIST_MASK)
+        if any_bad > 0:
+            tl.atomic_or(FLAG, 1)
+        tl.debug_barrier()  # W[b] is read back below by other threads of this program
+        # 2. P* = (thr, cut), the count-th smallest pair (key, flat index): the key by radix select, 8 bits a pass
+        # (the top byte's histogram is already there), then the flat index among the entries equal to it
+        if SELECT:
+            rem = tl.program_id(0) * 0 + count  # 1-based rank within the bucket being narrowed
+            prefix = tl.program_id(0) * 0
+            for p in tl.static_range(4):
+                shift = 24 - 8 * p
+                if p > 0:
+                    hist = tl.zeros([256], dtype=tl.int32)
+                    for t0 in range(0, NN, BLOCK):
+                        idx = t0 + i
+                        m = idx < NN
+                        key = _key(tl.load(wb + idx, mask=m, other=0.0, eviction_policy="evict_last"))
+                        match = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                        hist += _hist256((key >> shift) & 255, match, HIST_MASK)
+                cum = tl.cumsum(hist, 0)
+                d = tl.sum((cum < rem).to(tl.int32), axis=0)
+                rem = rem - tl.sum(tl.where(bins < d, hist, 0), axis=0)
+                ties = tl.sum(tl.where(bins == d, hist, 0), axis=0)
+                prefix = prefix | (d << shift)
+            thr = prefix
+            cut = tl.program_id(0) * 0 + 2147483647  # every entry equal to thr is dropped when rem == ties
+            if rem < ties:  # the rem-th of them in flat order is the last one dropped
+                seen = tl.program_id(0) * 0
+                t0 = tl.program_id(0) * 0
+                while t0 < NN:
+                    idx = t0 + i
+                    m = idx < NN
+                    tie = m & (_key(tl.load(wb + idx, mask=m, other=0.0)) == thr)
+                    upto = seen + tl.cumsum(tie.to(tl.int32), 0)
+                    hit = tl.max(tl.where(tie & (upto == rem), idx, -1), axis=0)
+                    if hit >= 0:
+                        cut = hit
+                        t0 = NN
+                    seen += tl.sum(tie.to(tl.int32), axis=0)
+                    t0 += BLOCK
+        else:  # count = 0 keeps everything (no key is < 0); count >= N*N drops everything (but a protected entry 0)
+            thr = tl.program_id(0) * 0 + tl.where(count > 0, 2147483647, 0)
+            cut = tl.program_id(0) * 0 - 1
+        # 3. the discarded map by rows, from W[b]: row sums and the chain step
+        cols = tl.arange(0, BLOCK_N)
+        cm = cols < N
+        vrow = b * N
+        if LAST:
+            q = _query_row(Q, b, N, FLAG)
+            flat = q * N + cols
+            v = _last_layer_step(tl.load(wb + flat, mask=cm, other=0.0), flat, q, cols, cm, thr, cut, PROTECT)
+        else:
+            v = tl.zeros([BLOCK_N], dtype=tl.float32)
+            rr = tl.arange(0, ROWS)
+            for r0 in range(0, N, ROWS):
+                rows = r0 + rr
+                m = (rows < N)[:, None] & cm[None, :]
+                flat = rows[:, None] * N + cols[None, :]
+                a = tl.load(wb + flat, mask=m, other=0.0, eviction_policy="evict_first")
+                v += _rows_share(a, flat, m, rows, cols, V_IN + vrow, N, thr, cut, PROTECT)
         tl.store(V_OUT + vrow + cols, v, mask=cm)
 
 
@@ -584,8 +713,11 @@ def rollout_forward(
     fusion = FUSION_CODES[head_fusion]
     prot = protect == "entry0"
     order = list(zip(maps, ratios))
-    if rows is not None and n <= SMALL_N:
+    chain = None if rows is None else query_chain(b, n, device)
+    if chain == "registers":
         return _small_query_chain(order, n, fusion, prot, rows)
+    if chain == "per-sample":
+        return _sample_query_chain(order, n, fusion, prot, rows)
     samples = SAMPLE_RUNS * SAMPLE_RUN
     cap = min(nn_, max(SELECT_CHUNK, nn_ // 8))
     work = torch.empty(b, nn_, device=device, dtype=torch.float32)
@@ -699,6 +831,65 @@ def _small_query_chain(
             x.stride(0), x.stride(1), x.shape[1],
             FUSION=fusion if x.shape[1] > 1 else 0, LAST=i == 0, SELECT=0 < count < n * n, PROTECT=prot,
             BLOCK_NN=block_nn, BLOCK=block, ROWS=SMALL_ROWS, HIST_MASK=_HIST_MASK, num_warps=warps,
+        )  # fmt: skip
+        result, spare = spare, result
+    return result, flags
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def query_chain(batch: int, n: int, device: torch.device) -> str:
+    """Which query-row chain :func:`rollout_forward` runs for ``batch`` samples of ``N = n`` tokens on ``device``.
+
+    ``"registers"`` (``N <= SMALL_N``: a sample's layer in one program's registers), ``"per-sample"``
+    (``N <= SAMPLE_N_MAX`` and at least :func:`_sample_min_batch` samples: one program per sample through its workspace
+    row) or ``"multipass"`` (pivots, fusion, select and row-block kernels, each spread over the whole batch).
+    """
+    if n <= SMALL_N:
+        return "registers"
+    if n <= SAMPLE_N_MAX and batch >= _sample_min_batch(device):
+        return "per-sample"
+    return "multipass"
+
+
+def _sample_min_batch(device: torch.device) -> int:
+    """Smallest batch that takes the per-sample chain: :data:`SAMPLE_MIN_BATCH`, or the GPU's SM count (one program
+    per sample fills the device only from there; smaller batches split each sample over many programs instead)."""
+    if SAMPLE_MIN_BATCH is not None:
+        return SAMPLE_MIN_BATCH
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def _sample_query_chain(
+    order: Sequence[tuple[Tensor, float]], n: int, fusion: int, prot: bool, rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The query-row chain for ``SMALL_N < N <= SAMPLE_N_MAX`` and large batches: one launch per layer, one program
+    per sample, the fused map in an fp32 workspace row that the same program reads back (from L2)."""
+    b = rows.shape[0]
+    nn_ = n * n
+    device = rows.device
+    work = torch.empty(b, nn_, device=device, dtype=torch.float32)
+    result = torch.empty(b, n, device=device, dtype=torch.float32)
+    spare = torch.empty(b, n, device=device, dtype=torch.float32)
+    flags = torch.zeros(1, device=device, dtype=torch.int32)
+    block_n = max(16, triton.next_power_of_2(n))
+    rows_per_step = max(1, min(32, SAMPLE_BLOCK // block_n))
+    for i, (attn, ratio) in enumerate(reversed(order)):
+        x = attn if attn.dim() == 4 else attn.unsqueeze(1)
+        if x.stride(-1) != 1 or x.stride(-2) != n:
+            x = x.contiguous()
+        count = discard_count(ratio, n)
+        _sample_query_kernel[(b,)](
+            x, work, result, spare, rows, flags, n, nn_, count if 0 < count < nn_ else (0 if count <= 0 else 1),
+            x.stride(0), x.stride(1), x.shape[1],
+            FUSION=fusion if x.shape[1] > 1 else 0, LAST=i == 0, SELECT=0 < count < nn_, PROTECT=prot,
+            BLOCK=SAMPLE_BLOCK, BLOCK_N=block_n, ROWS=rows_per_step, HIST_MASK=_HIST_MASK, num_warps=SAMPLE_WARPS,
         )  # fmt: skip
         result, spare = spare, result
     return result, flags
