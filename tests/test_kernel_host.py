@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnselect.kernels as K
+from attnselect import functional as F
 
 pytestmark = pytest.mark.kernels
 
@@ -250,3 +251,24 @@ def test_query_chain_choice_follows_n_batch_and_sm_count(monkeypatch: pytest.Mon
     assert mod.query_chain(8, 193, torch.device("cpu")) == "per-sample"  # the interpreter has no SM count
     monkeypatch.setattr(mod, "SAMPLE_MIN_BATCH", 1000)
     assert mod.query_chain(256, 193, cuda) == "multipass"
+
+
+def test_gate_checks_once_and_routes_long_maps_to_the_reference(
+    launches: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rollout_mod = importlib.import_module("attnselect.kernels.rollout")
+    topk_mod = importlib.import_module("attnselect.kernels.topk_gather")
+    assert (K._ROLLOUT_MAX_N, K._TOPK_MAX_N) == (rollout_mod.MAX_TOKENS, topk_mod.MAX_TOKENS)  # one limit each
+
+    def no_second_check(*args: object) -> None:
+        raise AssertionError("the launcher validated inputs the gate had already checked")
+
+    monkeypatch.setattr(rollout_mod, "_check_inputs", no_second_check)
+    maps = [torch.softmax(torch.randn(2, 4, 17, 17), -1) for _ in range(2)]
+    K.rollout(maps, query=torch.tensor([3, 16]))
+    K.rollout(maps)
+    assert launches and "_fuse_kernel" in launches
+    launches.clear()
+    monkeypatch.setattr(K, "_ROLLOUT_MAX_N", 16)  # N = 17 is now beyond the kernels' limit: the reference runs
+    torch.testing.assert_close(K.rollout(maps, query=0), F.rollout(maps, query=0))
+    assert launches == []

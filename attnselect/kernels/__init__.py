@@ -56,6 +56,8 @@ _ENV_SWITCH = "ATTNSELECT_KERNELS"
 _FALSE = ("0", "false", "off", "no")
 _TRUE = ("1", "true", "on", "yes", "y")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ROLLOUT_MAX_N = 2**15  # kernels/rollout.py MAX_TOKENS: longer maps take the reference
+_TOPK_MAX_N = 8192  # kernels/topk_gather.py MAX_TOKENS
 _triton_state: dict[str, object] = {}
 
 
@@ -468,7 +470,7 @@ def rollout(
 
     Args and returns: exactly those of :func:`attnselect.functional.rollout` (maps ``[B,H,N,N]`` or ``[B,N,N]`` per
     layer; result ``[B,N,N]``, or ``[B,N]`` with ``query``; fp32). The Triton path is taken for fp32/fp16/bf16 maps
-    that need no autograd.
+    of at most 2**15 tokens that need no autograd.
 
     Examples:
         >>> from attnselect import functional
@@ -480,7 +482,12 @@ def rollout(
         True
     """
     maps = F._check_layer_list(attentions)
-    use = _enabled_for(maps[0].device.type) and all(a.dtype in _KERNEL_DTYPES for a in maps) and not _grad_needed(*maps)
+    use = (
+        _enabled_for(maps[0].device.type)
+        and all(a.dtype in _KERNEL_DTYPES for a in maps)
+        and maps[0].shape[-1] <= _ROLLOUT_MAX_N
+        and not _grad_needed(*maps)
+    )
     if not use:
         return F.rollout(maps, discard_ratio=discard_ratio, head_fusion=head_fusion, protect=protect, query=query)
     ratios = F._per_layer_ratios(discard_ratio, len(maps))
@@ -509,7 +516,7 @@ def rollout(
 
     if _queues:
         _raise_ready(wait=False)
-    result, flags = rollout_forward(maps, ratios, head_fusion, protect, rows)
+    result, flags = rollout_forward(maps, ratios, head_fusion, protect, rows, checked=True)
     _report(flags, flags, _rollout_message)
     return result
 
@@ -553,7 +560,7 @@ def select_topk_gather(
         and scores.dtype in _KERNEL_DTYPES
         and tokens.is_floating_point()
         and tokens.device == scores.device
-        and scores.shape[1] <= 8192
+        and scores.shape[1] <= _TOPK_MAX_N
     )
     if not use:
         indices, mask = F.select_topk(scores, k, valid=valid)

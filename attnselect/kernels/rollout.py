@@ -63,9 +63,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["FLAG_BAD_MAPS", "FLAG_BAD_QUERY", "FUSION_CODES", "query_chain", "rollout_forward"]
+__all__ = ["FLAG_BAD_MAPS", "FLAG_BAD_QUERY", "FUSION_CODES", "MAX_TOKENS", "query_chain", "rollout_forward"]
 
 FUSION_CODES = {"mean": 0, "max": 1, "min": 2}
+MAX_TOKENS = 2**15  # flat indices N*N fit in 32 bits
 FLAG_BAD_MAPS = 1
 FLAG_BAD_QUERY = 2
 
@@ -652,8 +653,8 @@ def _check_inputs(maps: Sequence[Tensor], ratios: Sequence[float], head_fusion: 
     if protect not in ("entry0", "none"):
         raise ValueError(f"protect must be 'entry0' or 'none', got {protect!r}")
     b, n = maps[0].shape[0], maps[0].shape[-1]
-    if n > 2**15:
-        raise ValueError(f"the Triton rollout handles N <= {2**15} tokens, got N = {n}")
+    if n > MAX_TOKENS:
+        raise ValueError(f"the Triton rollout handles N <= {MAX_TOKENS} tokens, got N = {n}")
     for i, a in enumerate(maps):
         if a.dim() not in (3, 4) or a.shape[-1] != a.shape[-2] or a.shape[0] != b or a.shape[-1] != n:
             raise ValueError(
@@ -683,6 +684,8 @@ def rollout_forward(
     head_fusion: str = "mean",
     protect: str = "entry0",
     rows: Tensor | None = None,
+    *,
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Launch the fused rollout.
 
@@ -692,6 +695,7 @@ def rollout_forward(
         head_fusion: ``"mean"``, ``"max"`` or ``"min"``.
         protect: ``"entry0"`` or ``"none"``.
         rows: None for the full product, or a LongTensor ``[B]`` of per-sample query rows.
+        checked: the caller has validated the maps, ratios and choices (the gate's hot path); skip doing it again.
 
     Returns:
         ``(result, flags)``: the ``[B,N,N]`` fp32 rollout (or its ``[B,N]`` query rows) and an int32 ``[1]`` device
@@ -699,7 +703,8 @@ def rollout_forward(
         :data:`FLAG_BAD_QUERY`: a query row outside ``[0, N)``; the result is then meaningless). Reading it is left to
         the caller, so the launch needs no device synchronisation.
     """
-    _check_inputs(maps, ratios, head_fusion, protect)
+    if not checked:
+        _check_inputs(maps, ratios, head_fusion, protect)
     _require_triton()
     b, n = maps[0].shape[0], maps[0].shape[-1]
     nn_ = n * n
