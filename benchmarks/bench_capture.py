@@ -32,6 +32,13 @@ from harness import Row, kernels_available, measure, parse_args, peak_bandwidth,
 from attnselect import functional as F
 
 OP = "capture"
+#: (B, H, N, d, causal, name)
+CUDA_SHAPES = [
+    (256, 12, 193, 64, False, "itself-image"),
+    (256, 8, 77, 64, True, "itself-text"),
+    (64, 16, 577, 64, False, "vit-l14-336"),
+]
+CPU_SHAPES = [(16, 12, 193, 64, False, "itself-image"), (16, 8, 77, 64, True, "itself-text")]
 
 
 def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list[Row]:
@@ -88,13 +95,7 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
-    shapes = [
-        (256, 12, 193, 64, False, "itself-image"),
-        (256, 8, 77, 64, True, "itself-text"),
-        (64, 16, 577, 64, False, "vit-l14-336"),
-    ]
-    if args.device == "cpu":
-        shapes = [(16, 12, 193, 64, False, "itself-image"), (16, 8, 77, 64, True, "itself-text")]
+    shapes = CPU_SHAPES if args.device == "cpu" else CUDA_SHAPES
     if args.quick:
         shapes = shapes[:1]
     triton_ok = kernels_available(args.device)

@@ -37,6 +37,14 @@ from attnselect import functional as F
 
 OP = "rollout"
 LAYERS = 2
+#: (B, H, N, dtype, causal, name)
+CUDA_SHAPES = [
+    (256, 12, 193, torch.float16, False, "itself-image"),
+    (256, 12, 193, torch.float32, False, "itself-image"),
+    (256, 8, 77, torch.float16, True, "itself-text"),
+    (64, 16, 577, torch.float16, False, "vit-l14-336"),
+]
+CPU_SHAPES = [(64, 12, 193, torch.float32, False, "itself-image")]
 
 
 def _maps(b: int, h: int, n: int, dtype: torch.dtype, device: str, causal: bool) -> list[torch.Tensor]:
@@ -159,15 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
     args.skip_compiled = skip
     device = args.device
-    if device == "cuda":
-        shapes = [
-            (256, 12, 193, torch.float16, False, "itself-image"),
-            (256, 12, 193, torch.float32, False, "itself-image"),
-            (256, 8, 77, torch.float16, True, "itself-text"),
-            (64, 16, 577, torch.float16, False, "vit-l14-336"),
-        ]
-    else:
-        shapes = [(64, 12, 193, torch.float32, False, "itself-image")]
+    shapes = CUDA_SHAPES if device == "cuda" else CPU_SHAPES
     if args.quick:
         shapes = shapes[:1]
     triton_ok = kernels_available(device)

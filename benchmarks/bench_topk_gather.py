@@ -31,6 +31,12 @@ from harness import Row, kernels_available, measure, parse_args, peak_bandwidth,
 from attnselect import functional as F
 
 OP = "topk_gather"
+#: (B, N, D, k, name)
+SHAPES = [
+    (256, 193, 512, 96, "itself-image"),
+    (256, 77, 512, 37, "itself-text"),
+    (64, 577, 768, 288, "vit-l14-336"),
+]
 
 
 def _reference(scores: torch.Tensor, k: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -91,11 +97,7 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
-    shapes = [
-        (256, 193, 512, 96, "itself-image"),
-        (256, 77, 512, 37, "itself-text"),
-        (64, 577, 768, 288, "vit-l14-336"),
-    ]
+    shapes = SHAPES
     if args.quick:
         shapes = shapes[:1]
     triton_ok = kernels_available(args.device)

@@ -533,3 +533,41 @@ def test_rollout_benchmark_runs_every_chain(device: str) -> None:
     assert {k: getattr(mod, k) for k in before} == before  # the knobs are put back
     assert bench._other_chains(mod, 3, 29, device) == ["multipass", "per_sample"]  # N <= SMALL_N: registers taken
     assert bench._other_chains(mod, 3, mod.SAMPLE_N_MAX + 1, device) == []  # only the multi-pass chain runs there
+
+
+@pytest.mark.kernels
+def test_profile_script_splits_every_provider(tmp_path) -> None:
+    # benchmarks/profile_kernels.py on the CPU: every case gets its wall and host time (device time needs CUDA)
+    import importlib
+    from pathlib import Path
+
+    if not K.kernels_enabled(torch.empty(0)):
+        pytest.skip("runs the Triton path on CPU tensors (TRITON_INTERPRET=1)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        prof = importlib.import_module("profile_kernels")
+    finally:
+        sys.path.pop(0)
+    csv_path = tmp_path / "profile.csv"
+    parts = prof.main(["--device", "cpu", "--quick", "--calls", "1", "--csv", str(csv_path), "--no-plot"])
+    cases = {(p.op, p.provider) for p in parts}
+    assert cases == {
+        ("rollout", "triton_query (registers)"),
+        ("rollout", "triton_query_per_sample"),
+        ("rollout", "triton_query_multipass"),
+        ("rollout", "triton_full"),
+        ("topk_gather", "triton_fwd"),
+        ("topk_gather", "triton_fwdbwd"),
+        ("topk_gather", "torch_topk_gather_fwdbwd"),
+        ("capture", "triton"),
+        ("capture", "triton_query_row"),
+        ("capture", "host_sdpa"),
+    }
+    for case in cases:
+        got = {p.part: p.us_per_call for p in parts if (p.op, p.provider) == case}
+        assert set(got) == {"wall", "host"} and all(v > 0 for v in got.values()), (case, got)
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].split(",") == list(prof.COLUMNS) and len(rows) == 1 + len(parts)
+    assert prof.plot(parts, tmp_path / "profile.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        prof.main(["--device", "cpu", "--ops", "rollout,nonsense"])
