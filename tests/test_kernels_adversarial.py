@@ -391,9 +391,9 @@ def test_int32_query_rows_reach_the_kernels_uncast(device: str, monkeypatch: pyt
     seen = []
     real = mod.rollout_forward
 
-    def spy(maps, ratios, head_fusion, protect, rows):
+    def spy(maps, ratios, head_fusion, protect, rows, **kwargs):
         seen.append(rows)
-        return real(maps, ratios, head_fusion, protect, rows)
+        return real(maps, ratios, head_fusion, protect, rows, **kwargs)
 
     monkeypatch.setattr(mod, "rollout_forward", spy)
     maps = [torch.softmax(torch.randn(2, 2, 9, 9, generator=_gen(i)), -1).to(device) for i in range(2)]
