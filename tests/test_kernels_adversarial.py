@@ -729,3 +729,19 @@ def test_raise_ready_and_report(monkeypatch: pytest.MonkeyPatch) -> None:
         K._report(torch.tensor([6], dtype=torch.int32), torch.tensor(7), _describe)
     K._report(torch.tensor([0], dtype=torch.int32), torch.tensor(8), _describe)
     assert set(K._queues) == {0, 1} and not first.pending and not second.pending
+
+
+@pytest.mark.parametrize("count", [1000, 4096, 4097, 4500, 4899])
+def test_per_sample_tie_pass_across_flat_tiles(device: str, force_chain, count: int) -> None:
+    # one program per sample finds the flat index of the last dropped tie with a pass over flat tiles of
+    # SAMPLE_BLOCK = 4096 entries: with every entry equal (N = 70: 4900 entries, two tiles) that index is count - 1,
+    # in the first tile, at the boundary or in the second
+    force_chain("per-sample")
+    n = 70
+    nn = n * n
+    first = torch.full((3, 1, n, n), 0.25, device=device)
+    last = torch.ones(3, 1, n, n, device=device)  # nothing discarded: every row of the first layer carries weight
+    query = torch.tensor([0, 35, 69], device=device)
+    for protect in ("entry0", "none"):
+        kw = {"discard_ratio": [count / nn, 0.0], "protect": protect, "query": query}
+        _assert_rollout_equal(K.rollout([first, last], **kw), F.rollout([first, last], **kw))
