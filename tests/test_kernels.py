@@ -571,3 +571,26 @@ def test_profile_script_splits_every_provider(tmp_path) -> None:
     assert prof.plot(parts, tmp_path / "profile.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         prof.main(["--device", "cpu", "--ops", "rollout,nonsense"])
+
+
+@pytest.mark.kernels
+def test_capture_benchmark_row_block_alternative(device: str) -> None:
+    # bench_capture.py times the one-pass kernel with 64-row blocks beside the default: it must be the capture too
+    import importlib
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        bench = importlib.import_module("bench_capture")
+    finally:
+        sys.path.pop(0)
+    mod = importlib.import_module("attnselect.kernels.capture")
+    g = _gen(3)
+    q, k = (torch.randn(2, 3, 100, 64, generator=g).to(device) for _ in range(2))  # 128-wide key tile
+    before = dict(mod.ONEPASS_CONFIG)
+    for causal in (False, True):
+        out = bench._with_config(
+            mod, 128, bench.ROWS64[128], lambda c=causal: K.attention_probs(q, k, scale=0.125, causal=c)
+        )
+        torch.testing.assert_close(out, F.attention_probs(q, k, scale=0.125, causal=causal), rtol=1e-5, atol=1e-6)
+    assert mod.ONEPASS_CONFIG == before  # put back
