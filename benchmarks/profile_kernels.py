@@ -30,9 +30,10 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,7 +101,6 @@ def host_us(fn: Callable[[], object], device: str, calls: int) -> float:
 
 def device_us(fn: Callable[[], object], calls: int) -> dict[str, float]:
     """Device microseconds per call of every kernel (and memset/memcpy) ``fn()`` runs, by name (CUDA only)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -109,15 +109,24 @@ def device_us(fn: Callable[[], object], calls: int) -> dict[str, float]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return kernel_times(prof.events(), calls)
+
+
+def kernel_times(events: Iterable[Any], calls: int) -> dict[str, float]:
+    """Sum the device events of a profile by name: microseconds per call.
+
+    Args:
+        events: ``torch.profiler`` function events (``name``, ``device_type``, ``time_range``); only those that ran
+            on the device (kernels, memsets, memcopies) count.
+        calls: how many calls the profile spans.
+    """
+    from torch.autograd import DeviceType
+
     out: dict[str, float] = {}
-    for event in prof.key_averages():
+    for event in events:
         if event.device_type != DeviceType.CUDA:
             continue
-        total = getattr(event, "device_time_total", None)
-        if total is None:  # older PyTorch
-            total = event.cuda_time_total
-        if total > 0:
-            out[event.key] = out.get(event.key, 0.0) + total / calls
+        out[event.name] = out.get(event.name, 0.0) + event.time_range.elapsed_us() / calls
     return out
 
 

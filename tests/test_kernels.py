@@ -571,6 +571,20 @@ def test_profile_script_splits_every_provider(tmp_path) -> None:
     assert prof.plot(parts, tmp_path / "profile.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         prof.main(["--device", "cpu", "--ops", "rollout,nonsense"])
+    # the device split, from profiler events as a CUDA run records them: device events summed by name, per call
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name: str, start: int, end: int, device_type: DeviceType) -> FunctionEvent:
+        return FunctionEvent(id=start, name=name, thread=0, start_us=start, end_us=end, device_type=device_type)
+
+    events = [
+        event("_fuse_kernel", 0, 30, DeviceType.CUDA),
+        event("_fuse_kernel", 100, 150, DeviceType.CUDA),
+        event("Memset (Device)", 40, 42, DeviceType.CUDA),
+        event("aten::empty", 0, 500, DeviceType.CPU),  # host work: not device time
+    ]
+    assert prof.kernel_times(events, calls=2) == {"_fuse_kernel": 40.0, "Memset (Device)": 1.0}
 
 
 @pytest.mark.kernels
