@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import eager_attention_probs
-from harness import Row, kernels_available, measure, parse_args, peak_bandwidth, write_results
+from harness import Row, check, exit_on_mismatch, kernels_available, measure, parse_args, peak_bandwidth, write_results
 
 from attnselect import functional as F
 
@@ -106,8 +106,7 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
         ref = F.attention_probs(q, k, scale=scale, causal=causal)
         for provider, fn, _ in providers:
             if provider in ("triton", "triton_rows64"):
-                diff = fn() - ref
-                print(f"check: {provider} vs reference max abs diff {diff.abs().max().item():.2e}", file=sys.stderr)
+                check(provider, (fn() - ref).abs().max().item(), 1e-4)
     shape = f"{name} B={b} H={h} N={n} d={d}" + (" causal" if causal else "")
     rows = []
     with torch.no_grad():
@@ -139,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     bw = peak_bandwidth(args.device)
     if bw:
         print(f"device peak bandwidth (nominal): {bw:.0f} GB/s", file=sys.stderr)
+    exit_on_mismatch()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import published_rollout
-from harness import Row, kernels_available, measure, parse_args, peak_bandwidth, write_results
+from harness import Row, check, exit_on_mismatch, kernels_available, measure, parse_args, peak_bandwidth, write_results
 
 from attnselect import functional as F
 
@@ -129,8 +129,9 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
     if triton_ok:
         for provider, fn, _ in providers:
             if provider.startswith("triton_query"):
-                diff = (fn() - ref[:, 0]).abs().max().item()
-                print(f"check: {provider} vs reference max abs diff {diff:.2e}", file=sys.stderr)
+                check(provider, (fn() - ref[:, 0]).abs().max().item(), 1e-4)
+            elif provider == "triton_full":
+                check(provider, (fn() - ref).abs().max().item(), 1e-4)
     for provider, fn, nbytes in providers:
         reps = max(1, args.reps // 3) if provider == "published" and device == "cpu" else args.reps
         rows.append(
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     bw = peak_bandwidth(device)
     if bw:
         print(f"device peak bandwidth (nominal): {bw:.0f} GB/s", file=sys.stderr)
+    exit_on_mismatch()
 
 
 if __name__ == "__main__":

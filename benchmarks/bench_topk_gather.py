@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import topk_gather_torch
-from harness import Row, kernels_available, measure, parse_args, peak_bandwidth, write_results
+from harness import Row, check, exit_on_mismatch, kernels_available, measure, parse_args, peak_bandwidth, write_results
 
 from attnselect import functional as F
 
@@ -61,8 +61,7 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
 
         paths.append(("triton", lambda: K.select_topk_gather(scores, k, tokens)[2]))
         ref = _reference(scores, k, tokens)
-        same = torch.equal(K.select_topk_gather(scores, k, tokens)[2], ref)
-        print(f"check: triton == reference: {same}", file=sys.stderr)
+        check("triton (gathered tokens)", (K.select_topk_gather(scores, k, tokens)[2] - ref).abs().max().item(), 0.0)
     shape = f"{name} B={b} N={n} D={d} k={k}"
     elem = tokens.element_size()
     fwd_bytes = b * n * scores.element_size() + b * k * (d * elem + 8)
@@ -106,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     bw = peak_bandwidth(args.device)
     if bw:
         print(f"device peak bandwidth (nominal): {bw:.0f} GB/s", file=sys.stderr)
+    exit_on_mismatch()
 
 
 if __name__ == "__main__":

@@ -285,6 +285,30 @@ def plot(csv_path: Path, png_path: Path, op: str) -> Path | None:
     return png_path
 
 
+#: providers whose results differed from the reference in this run (see :func:`check`)
+MISMATCHES: list[str] = []
+
+
+def check(name: str, error: float, tol: float) -> bool:
+    """Report how far a provider's result is from the reference; remember it when beyond ``tol``.
+
+    The rows of a provider that disagrees are still written (its time is what it is), but :func:`exit_on_mismatch`
+    then ends the script with an error, so a wrong kernel is never quoted as a fast one.
+    """
+    ok = error <= tol
+    print(f"check: {name}: max abs diff {error:.2e} ({'ok' if ok else f'MISMATCH, tolerance {tol:.0e}'})",
+          file=sys.stderr)  # fmt: skip
+    if not ok:
+        MISMATCHES.append(f"{name} ({error:.2e})")
+    return ok
+
+
+def exit_on_mismatch() -> None:
+    """End the script with an error naming every provider :func:`check` found wrong."""
+    if MISMATCHES:
+        raise SystemExit("results differ from the reference: " + ", ".join(MISMATCHES))
+
+
 def kernels_available(device: str) -> bool:
     """Whether the Triton path runs for tensors on ``device`` (CUDA only: interpreter timings mean nothing)."""
     import attnselect.kernels as K

@@ -608,3 +608,22 @@ def test_capture_benchmark_row_block_alternative(device: str) -> None:
         )
         torch.testing.assert_close(out, F.attention_probs(q, k, scale=0.125, causal=causal), rtol=1e-5, atol=1e-6)
     assert mod.ONEPASS_CONFIG == before  # put back
+
+
+def test_benchmark_check_ends_the_run_on_a_mismatch(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # the benchmark scripts time a provider that disagrees with the reference, then exit with an error naming it
+    import importlib
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        harness = importlib.import_module("harness")
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(harness, "MISMATCHES", [])
+    assert harness.check("triton_query", 3e-7, 1e-4)
+    harness.exit_on_mismatch()  # nothing wrong: returns
+    assert not harness.check("triton_full", 0.5, 1e-4)
+    assert "MISMATCH" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"triton_full \(5.00e-01\)"):
+        harness.exit_on_mismatch()

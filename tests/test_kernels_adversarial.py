@@ -745,3 +745,25 @@ def test_per_sample_tie_pass_across_flat_tiles(device: str, force_chain, count: 
     for protect in ("entry0", "none"):
         kw = {"discard_ratio": [count / nn, 0.0], "protect": protect, "query": query}
         _assert_rollout_equal(K.rollout([first, last], **kw), F.rollout([first, last], **kw))
+
+
+def test_capture_head_offsets_past_int32(device: str) -> None:
+    # keys whose head stride puts head 2 at 2**31 elements: a 32-bit head offset would wrap and read other memory
+    if device != "cpu":
+        pytest.skip("checked on the CPU: on a GPU the layout would take 8 GiB of device memory")
+    n, d, h, stride_h = 5, 16, 3, 2**30
+    base = 2**31  # the keys' offset in their storage: a wrapped read of head 2 lands at element 0, still ours
+    try:  # 8 GiB of address space, a few pages of it touched
+        store = torch.zeros(base + 2 * stride_h + n * d, dtype=torch.float16)
+    except RuntimeError:
+        pytest.skip("cannot reserve 8 GiB of address space here")
+    heads = torch.randn(h, n, d, generator=_gen(9)).half()
+    for i in range(h):
+        store[base + i * stride_h : base + i * stride_h + n * d] = heads[i].flatten()
+    k = store.as_strided((1, h, n, d), (0, stride_h, d, 1), base)
+    q = torch.randn(1, h, n, d, generator=_gen(10)).half()
+    assert torch.equal(k[0], heads)
+    for fusion in ("mean", None):
+        out = K.attention_probs(q, k, scale=0.25, head_fusion=fusion)
+        ref = F.attention_probs(q, k, scale=0.25, head_fusion=fusion)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -69,6 +69,7 @@ if triton is not None:
         CAUSAL: tl.constexpr,
         IEEE: tl.constexpr,
     ):
+        h = b * 0 + h  # 64-bit like b: h * (head stride) wraps in 32 bits past 2**31 elements
         dm = d < HD
         cm = cols < NK
         q = tl.load(
@@ -208,7 +209,8 @@ if triton is not None:
             inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
             p = p * inv[:, None]
             if FUSION == 3:
-                tl.store(OUT + b * sob + h * soh + r[:, None].to(tl.int64) * sor + cols[None, :], p, mask=om)
+                dst = OUT + b * sob + (b * 0 + h) * soh + r[:, None].to(tl.int64) * sor + cols[None, :]  # 64-bit
+                tl.store(dst, p, mask=om)
             acc = _fold(acc, p, FUSION)
         _store_fused(OUT, acc, b, r, cols, om, sob, sor, H, FUSION)
 
@@ -290,7 +292,7 @@ if triton is not None:
                 inv = tl.load(stats_m + (h * R + r) * 2 + 1, mask=rm, other=0.0)
                 p = tl.exp(s - m_i[:, None]) * inv[:, None]
                 if FUSION == 3:
-                    dst = OUT + b * sob + h * soh + r[:, None].to(tl.int64) * sor + cols[None, :]
+                    dst = OUT + b * sob + (b * 0 + h) * soh + r[:, None].to(tl.int64) * sor + cols[None, :]  # 64-bit
                     tl.store(dst, p, mask=om)
                 acc = _fold(acc, p, FUSION)
             _store_fused(OUT, acc, b, r, cols, om, sob, sor, H, FUSION)

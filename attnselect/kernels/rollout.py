@@ -158,8 +158,9 @@ if triton is not None:
             bad = (acc != acc) | (tl.abs(acc) == float("inf"))
         else:  # mean and max carry a NaN or an inf of any head into `acc` (or max hides it, as the reference does)
             bad = acc != acc
-        for h in range(1, H):
-            v = tl.load(src + h * stride_h, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        for _h in range(1, H):
+            src += stride_h  # a pointer step, not h * stride_h: that product is 32-bit and wraps past 2**31
+            v = tl.load(src, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
             if FUSION == 0:
                 acc += v
             elif FUSION == 1:
