@@ -11,8 +11,9 @@ under ``protect="entry0"``.
    entries, read straight from the ``[B,H,N,N]`` maps) and picks two pivot keys ``lo <= hi`` whose sample ranks bracket
    the target rank by 5 standard deviations either side (the whole map is the sample when ``N*N <= 2048``: the pivots
    are then exact).
-2. ``_fuse_kernel`` (grid ``B x tiles``), the one pass over the maps: head fusion (mean/max/min, fp32 accumulation)
-   into an fp32 workspace ``W [B,N*N]``; per tile it counts the entries with ``key < lo`` (one atomic per tile) and
+2. ``_fuse_kernel`` (grid ``B x tiles``), the one pass over the maps (evict-first cache hint; the workspace is stored
+   evict-last for the passes after it): head fusion (mean/max/min, fp32 accumulation) into an fp32 workspace
+   ``W [B,N*N]``; per tile it counts the entries with ``key < lo`` (one atomic per tile) and
    appends the pairs with ``lo <= key <= hi`` to a per-sample candidate list (a ``tl.cumsum`` compaction and one
    atomic per tile). It also flags negative and non-finite values.
 3. ``_select_kernel`` (grid ``B``): if the target rank falls inside the bracket (``below < count <= below + cands``)
@@ -254,8 +255,9 @@ if triton is not None:
             tile = tl.program_id(1)
         offs = tile * BLOCK + tl.arange(0, BLOCK)
         m = offs < NN
-        acc, bad = _fused(X + b.to(tl.int64) * stride_b + offs, m, stride_h, H, FUSION)
-        tl.store(W + b.to(tl.int64) * NN + offs, acc, mask=m)
+        # the maps are streamed once (evict-first); the workspace is read again by the select and row passes
+        acc, bad = _fused(X + b.to(tl.int64) * stride_b + offs, m, stride_h, H, FUSION, "evict_first")
+        tl.store(W + b.to(tl.int64) * NN + offs, acc, mask=m, eviction_policy="evict_last")
         any_bad = tl.max(bad.to(tl.int32), axis=0)
         if any_bad > 0:
             tl.atomic_or(FLAG, 1)
