@@ -754,12 +754,13 @@ def test_capture_head_offsets_past_int32(device: str) -> None:
     n, d, h, stride_h = 5, 16, 3, 2**30
     base = 2**31  # the keys' offset in their storage: a wrapped read of head 2 lands at element 0, still ours
     try:  # 8 GiB of address space, a few pages of it touched
-        store = torch.zeros(base + 2 * stride_h + n * d, dtype=torch.float16)
+        store = torch.empty(base + 2 * stride_h + n * d, dtype=torch.float16)
     except RuntimeError:
         pytest.skip("cannot reserve 8 GiB of address space here")
     heads = torch.randn(h, n, d, generator=_gen(9)).half()
     for i in range(h):
         store[base + i * stride_h : base + i * stride_h + n * d] = heads[i].flatten()
+    store[: n * d] = 0.0  # what a wrapped offset of head 2 would read instead
     k = store.as_strided((1, h, n, d), (0, stride_h, d, 1), base)
     q = torch.randn(1, h, n, d, generator=_gen(10)).half()
     assert torch.equal(k[0], heads)
