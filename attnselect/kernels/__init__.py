@@ -5,8 +5,8 @@ The gate decides per call, from the tensor it is given:
 - ``ATTNSELECT_KERNELS=0`` (or ``false``/``off``/``no``) in the environment forces the pure-PyTorch reference;
 - a CUDA tensor takes the Triton path when ``triton`` imports;
 - a CPU tensor takes it only when ``TRITON_INTERPRET=1`` (Triton's interpreter; how the tests run the kernels);
-- anything else (other devices, fp64 scores or maps, inputs that need autograd through rollout or capture) takes
-  the reference.
+- anything else (other devices, fp64 scores or maps, inputs that need autograd through rollout or capture, more
+  tokens than a kernel takes: 8192 for top-k, 2**15 for the rollout) takes the reference.
 
 The entry points :func:`rollout`, :func:`select_topk_gather` and :func:`attention_probs` have the signatures and
 results of their :mod:`attnselect.functional` twins. The Triton launchers are registered as PyTorch custom ops
