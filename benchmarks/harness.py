@@ -25,9 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -220,17 +221,35 @@ def measure(
     return row
 
 
-def write_results(op: str, rows: Sequence[Row], args: argparse.Namespace) -> Path:
-    """Append ``rows`` to the CSV and redraw the op's plot from the whole CSV; returns the CSV path."""
-    path = Path(args.csv) if args.csv else RESULTS / f"{op}.csv"
+def append_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, object]]) -> Path:
+    """Append ``rows`` to the CSV at ``path`` (its header first when the file is new or empty); returns the path."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         if new:
             writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
+        writer.writerows(rows)
+    return path
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (said on stderr) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
+def write_results(op: str, rows: Sequence[Row], args: argparse.Namespace) -> Path:
+    """Append ``rows`` to the CSV and redraw the op's plot from the whole CSV; returns the CSV path."""
+    path = append_csv(Path(args.csv) if args.csv else RESULTS / f"{op}.csv", COLUMNS, (asdict(r) for r in rows))
     if not args.no_plot:
         plot_dir = Path(args.plot_dir) if args.plot_dir else path.parent
         plot(path, plot_dir / f"{op}.png", op)
@@ -245,13 +264,8 @@ def read_rows(path: Path, op: str | None = None) -> list[dict[str, str]]:
 
 def plot(csv_path: Path, png_path: Path, op: str) -> Path | None:
     """One panel per (device, shape, dtype), one bar per provider (its latest row), median ms on a log axis."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     latest: dict[tuple[str, str, str], dict[str, dict[str, str]]] = {}
     for r in read_rows(csv_path, op):
@@ -274,9 +288,16 @@ def plot(csv_path: Path, png_path: Path, op: str) -> Path | None:
         ax.set_title(f"{shape} {dtype}\n{dev[:48]}", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
         ax.set_xlim(right=max(ms) * 30)
-    for ax in list(axes.flat)[len(panels) :]:
+    return finish_figure(fig, axes, len(panels), f"{op}: latest row per provider from {Path(csv_path).name}", png_path)
+
+
+def finish_figure(fig: Any, axes: Any, used: int, title: str, png_path: Path) -> Path:
+    """Blank the panels past the first ``used``, title the figure, save it as ``png_path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
-    fig.suptitle(f"{op}: latest row per provider from {Path(csv_path).name}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import importlib
 import math
 import statistics
@@ -43,7 +42,17 @@ import bench_capture
 import bench_rollout
 import bench_topk_gather
 from baselines import topk_gather_torch
-from harness import RESULTS, commit, device_name, kernels_available, time_ms, versions
+from harness import (
+    RESULTS,
+    append_csv,
+    commit,
+    device_name,
+    finish_figure,
+    kernels_available,
+    pyplot,
+    time_ms,
+    versions,
+)
 
 OPS = ("rollout", "topk_gather", "capture")
 COLUMNS = ("op", "provider", "shape", "dtype", "part", "us_per_call", "calls", "device", "versions", "commit")
@@ -250,26 +259,14 @@ def profile_case(case: Case, device: str, calls: int) -> list[Part]:
 
 
 def write_csv(parts: list[Part], path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(asdict(p) for p in parts)
-    return path
+    """Append ``parts`` to the CSV at ``path``."""
+    return append_csv(path, COLUMNS, (asdict(p) for p in parts))
 
 
 def plot(parts: list[Part], png: Path) -> Path | None:
     """One panel per (op, shape): per provider, bars for wall and host time and the device time split by kernel."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     panels: dict[tuple[str, str, str], dict[str, dict[str, float]]] = {}
     for p in parts:
@@ -300,16 +297,8 @@ def plot(parts: list[Part], png: Path) -> Path | None:
         if colours:
             ax.legend(fontsize=5, loc="lower right")
         ax.set_title(f"{op}: {shape} {dtype}", fontsize=8)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    device = parts[0].device
-    fig.suptitle(f"where the time goes ({device[:60]}, commit {parts[0].commit})", fontsize=10)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    title = f"where the time goes ({parts[0].device[:60]}, commit {parts[0].commit})"
+    return finish_figure(fig, axes, len(panels), title, png)
 
 
 def main(argv: list[str] | None = None) -> list[Part]:

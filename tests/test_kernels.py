@@ -512,17 +512,24 @@ def test_every_kernel_at_awkward_sizes(device: str, b: int, n: int, d: int) -> N
     assert all(torch.equal(o, r) for o, r in zip(out, ref))
 
 
-@pytest.mark.kernels
-def test_rollout_benchmark_runs_every_chain(device: str) -> None:
-    # bench_rollout.py times the chains the gate does not pick beside the one it does: each must be the rollout
+def _benchmark_module(name: str):
+    """A script module of ``benchmarks/`` (which imports its siblings from its own folder)."""
     import importlib
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
-        bench = importlib.import_module("bench_rollout")
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+@pytest.mark.kernels
+def test_rollout_benchmark_runs_every_chain(device: str) -> None:
+    # bench_rollout.py times the chains the gate does not pick beside the one it does: each must be the rollout
+    import importlib
+
+    bench = _benchmark_module("bench_rollout")
     mod = importlib.import_module("attnselect.kernels.rollout")
     maps = [m.to(device) for m in _softmax_maps(3, 2, 29, seed=5)]
     ref = F.rollout(maps, discard_ratio=0.25, query=0)
@@ -538,16 +545,10 @@ def test_rollout_benchmark_runs_every_chain(device: str) -> None:
 @pytest.mark.kernels
 def test_profile_script_splits_every_provider(tmp_path) -> None:
     # benchmarks/profile_kernels.py on the CPU: every case gets its wall and host time (device time needs CUDA)
-    import importlib
-    from pathlib import Path
 
     if not K.kernels_enabled(torch.empty(0)):
         pytest.skip("runs the Triton path on CPU tensors (TRITON_INTERPRET=1)")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        prof = importlib.import_module("profile_kernels")
-    finally:
-        sys.path.pop(0)
+    prof = _benchmark_module("profile_kernels")
     csv_path = tmp_path / "profile.csv"
     parts = prof.main(["--device", "cpu", "--quick", "--calls", "1", "--csv", str(csv_path), "--no-plot"])
     cases = {(p.op, p.provider) for p in parts}
@@ -591,13 +592,8 @@ def test_profile_script_splits_every_provider(tmp_path) -> None:
 def test_capture_benchmark_row_block_alternative(device: str) -> None:
     # bench_capture.py times the one-pass kernel with 64-row blocks beside the default: it must be the capture too
     import importlib
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        bench = importlib.import_module("bench_capture")
-    finally:
-        sys.path.pop(0)
+    bench = _benchmark_module("bench_capture")
     mod = importlib.import_module("attnselect.kernels.capture")
     g = _gen(3)
     q, k = (torch.randn(2, 3, 100, 64, generator=g).to(device) for _ in range(2))  # 128-wide key tile
@@ -612,14 +608,8 @@ def test_capture_benchmark_row_block_alternative(device: str) -> None:
 
 def test_benchmark_check_ends_the_run_on_a_mismatch(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     # the benchmark scripts time a provider that disagrees with the reference, then exit with an error naming it
-    import importlib
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        harness = importlib.import_module("harness")
-    finally:
-        sys.path.pop(0)
+    harness = _benchmark_module("harness")
     monkeypatch.setattr(harness, "MISMATCHES", [])
     assert harness.check("triton_query", 3e-7, 1e-4)
     harness.exit_on_mismatch()  # nothing wrong: returns
