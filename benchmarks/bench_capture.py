@@ -30,7 +30,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import eager_attention_probs
-from harness import Row, check, exit_on_mismatch, kernels_available, measure, parse_args, peak_bandwidth, write_results
+from harness import (
+    Row,
+    check,
+    exit_on_mismatch,
+    kernels_available,
+    measure,
+    parse_args,
+    patched,
+    peak_bandwidth,
+    write_results,
+)
 
 from attnselect import functional as F
 
@@ -51,12 +61,8 @@ ROWS64 = {128: (64, 8), 256: (64, 16)}
 
 def _with_config(kernel_module, keys: int, config: tuple[int, int], fn):
     """Run ``fn()`` with the one-pass kernel's configuration for ``keys``-wide tiles set to ``config``."""
-    saved = kernel_module.ONEPASS_CONFIG[keys]
-    kernel_module.ONEPASS_CONFIG[keys] = config
-    try:
+    with patched(kernel_module, ONEPASS_CONFIG={**kernel_module.ONEPASS_CONFIG, keys: config}):
         return fn()
-    finally:
-        kernel_module.ONEPASS_CONFIG[keys] = saved
 
 
 def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list[Row]:

@@ -31,7 +31,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import published_rollout
-from harness import Row, check, exit_on_mismatch, kernels_available, measure, parse_args, peak_bandwidth, write_results
+from harness import (
+    Row,
+    check,
+    exit_on_mismatch,
+    kernels_available,
+    measure,
+    parse_args,
+    patched,
+    peak_bandwidth,
+    write_results,
+)
 
 from attnselect import functional as F
 
@@ -68,14 +78,8 @@ CHAIN_KNOBS = {
 def _forced(kernel_module, chain: str, maps: list[torch.Tensor]) -> torch.Tensor:
     import attnselect.kernels as K
 
-    saved = {k: getattr(kernel_module, k) for k in CHAIN_KNOBS[chain]}
-    try:
-        for k, v in CHAIN_KNOBS[chain].items():
-            setattr(kernel_module, k, v)
+    with patched(kernel_module, **CHAIN_KNOBS[chain]):
         return K.rollout(maps, discard_ratio=0.25, query=0)
-    finally:
-        for k, v in saved.items():
-            setattr(kernel_module, k, v)
 
 
 def _other_chains(kernel_module, b: int, n: int, device: str) -> list[str]:

@@ -16,6 +16,7 @@ output once), so providers of one op are compared on the same bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import math
@@ -25,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,19 @@ def finish_figure(fig: Any, axes: Any, used: int, title: str, png_path: Path) ->
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+@contextlib.contextmanager
+def patched(module: Any, **values: Any) -> Iterator[None]:
+    """Set module attributes (a kernel module's tuning constants) for the duration of the block, then put them back."""
+    saved = {name: getattr(module, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 #: providers whose results differed from the reference in this run (see :func:`check`)

@@ -57,7 +57,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import RESULTS, commit
+from bench_rollout import CHAIN_KNOBS
+from harness import RESULTS, commit, patched
 
 DEFAULT_CSV = RESULTS / "kernel_resources.csv"
 COLUMNS = (
@@ -486,17 +487,9 @@ def _rollout_case(name: str, b: int, h: int, n: int, dtype: torch.dtype, query: 
         else:  # per-sample EOS positions, as the text encoder's rollout asks for
             rows = torch.arange(batch, device=device) % (n // 2) + n // 2
         # the chain the target device would take at the real batch (or the multi-pass one, to compare)
-        knobs = {"SAMPLE_MIN_BATCH": _sm_count}
-        if multipass:
-            knobs.update(SMALL_N=0, SAMPLE_N_MAX=0)
-        saved = {k: getattr(mod, k) for k in knobs}
-        try:
-            for k, v in knobs.items():
-                setattr(mod, k, v)
+        knobs = {"SAMPLE_MIN_BATCH": _sm_count, **(CHAIN_KNOBS["multipass"] if multipass else {})}
+        with patched(mod, **knobs):
             return mod.rollout_forward(maps, [0.25, 0.25], "mean", "entry0", rows)
-        finally:
-            for k, v in saved.items():
-                setattr(mod, k, v)
 
     label = {"full": "full", "row0": "query row 0", "eos": "query rows EOS"}[query]
     label += " multipass" if multipass else ""
