@@ -28,7 +28,7 @@ class BankOutput:
         tokens: ``[B,k,D]`` the kept tokens, gathered from the input tokens (before any adapter).
         indices: ``[B,k]`` int64 positions of the kept tokens, by descending saliency.
         mask: ``[B,k]`` bool; False where a sample had fewer than k selectable tokens (the index repeats).
-        saliency: ``[B,N]`` fp32 scores of every token (the rollout's query row).
+        saliency: ``[B,N]`` fp32 scores of every token (the rollout's query row; fp64 for fp64 maps).
         embedding: ``[B,D']`` pooled local embedding, or None when the bank has no pool.
         k: tokens kept per sample.
 
@@ -288,6 +288,10 @@ class AttentiveBank(nn.Module):
             raise ValueError(f"tokens must have shape [B,N,D], got {tuple(tokens.shape)}")
         batch, n_tok = tokens.shape[:2]
         saliency = self.rollout(attentions, query=query, num_layers=num_layers)
+        if saliency.device != tokens.device:
+            raise ValueError(
+                f"tokens are on {tokens.device} but the attention maps are on {saliency.device}; put both on one device"
+            )
         if saliency.shape != (batch, n_tok):
             raise ValueError(
                 f"the attention maps give saliency of shape {tuple(saliency.shape)} but tokens are "
@@ -298,11 +302,23 @@ class AttentiveBank(nn.Module):
         excluded = _exclusion_mask(exclude, query_rows, batch, n_tok, tokens.device, per_sample)
         selectable = ~excluded
         if valid is not None:
-            F._check_valid(valid, (batch, n_tok), tokens.device)
+            F._check_valid(valid, (batch, n_tok), tokens.device, rows=False)  # rows: checked below with exclude
             selectable = selectable & valid
-        n = n_tok - int(excluded.sum(dim=1).min())
+        empty = ~selectable.any(dim=1)
+        # one read-back for both (on CUDA each is a wait for the device)
+        fewest_excluded, any_empty = torch.stack([excluded.sum(dim=1).min(), empty.sum()]).tolist()
+        n = n_tok - fewest_excluded
         if n < 1:
             raise ValueError("exclude removes every token: nothing is left to select")
+        if any_empty:
+            if valid is not None:
+                F._check_valid(valid, (batch, n_tok), tokens.device)  # names the samples without a valid token
+            samples = empty.nonzero().flatten().tolist()[:8]
+            what = "exclude (default: the query row, and SOS for per-sample query rows)"
+            raise ValueError(
+                f"no token is left to select in sample(s) {samples}: {what}"
+                + (" and valid remove every position" if valid is not None else " removes every position")
+            )
         k = self.num_tokens(n, step)
         from . import kernels  # the gate: fused Triton top-k + gather for CUDA tensors, else the reference
 

@@ -642,6 +642,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error message; for an error re-raised from a DataLoader worker (whose first line is
+    torch's "Caught X in DataLoader worker process N."), the worker's own last line, which names e.g. the file."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines[0].startswith("Caught ") and "Original Traceback" in text and len(lines) > 1:
+        where = lines[0].split(" in ", 1)[-1].rstrip(".")
+        return f"{lines[-1]} (in {where})"
+    return lines[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``attnselect`` command; returns the exit status."""
     parser = build_parser()
@@ -666,8 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = "" if isinstance(exc, CLIError) else f"{type(exc).__name__}: "
+        message = _one_line(exc)
+        named = isinstance(exc, CLIError) or message.startswith(f"{type(exc).__name__}:")
+        kind = "" if named else f"{type(exc).__name__}: "
         print(
             f"attnselect {args.command}: error: {kind}{message} (run with --debug for the traceback)", file=sys.stderr
         )

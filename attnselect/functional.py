@@ -10,6 +10,8 @@ attention map are queries, columns are keys.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -107,7 +109,7 @@ def check_maps(attn: Tensor, name: str = "attn", *, allow_heads: bool = True) ->
 
 
 def _check_ratio(ratio: float, name: str) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):  # numbers.Real: numpy scalars too
         raise TypeError(f"{name} must be a float in [0, 1], got {type(ratio).__name__}")
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0 or math.isnan(ratio):
@@ -115,21 +117,28 @@ def _check_ratio(ratio: float, name: str) -> float:
     return ratio
 
 
-def _fused_fp32(attn: Tensor, mode: str) -> Tensor:
-    """Head fusion computed with fp32 accumulation; ``[B,N,N]`` maps are only upcast."""
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """The accumulation dtype: fp32, or fp64 when an input is fp64 (never less precise than the input)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _fused_fp32(attn: Tensor, mode: str, dtype: torch.dtype | None = None) -> Tensor:
+    """Head fusion accumulated in ``dtype`` (default :func:`_acc_dtype`: fp32, fp64 for fp64 maps); ``[B,N,N]`` maps
+    are only converted. May return ``attn`` itself (a ``[B,N,N]`` map already in ``dtype``)."""
+    dtype = _acc_dtype(attn) if dtype is None else dtype
     if attn.dim() == 3:
-        return attn.float()
+        return attn.to(dtype)
     if mode == "mean":
         # heads added one by one in order in fp32, then one correctly rounded division: a defined order (torch.mean's
         # depends on the device and on H), which the Triton kernels follow, so both discard the same entries
         heads = attn.shape[1]
-        acc = attn[:, 0].float() if heads == 1 else attn[:, 0].float() + attn[:, 1]
+        acc = attn[:, 0].to(dtype) if heads == 1 else attn[:, 0].to(dtype) + attn[:, 1]
         for h in range(2, heads):
             acc += attn[:, h]
         return acc / heads
     if mode == "max":
-        return attn.amax(dim=1).float()
-    return attn.amin(dim=1).float()
+        return attn.amax(dim=1).to(dtype)
+    return attn.amin(dim=1).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -143,7 +152,8 @@ def fuse_heads(attn: Tensor, mode: str = "mean") -> Tensor:
         mode: ``"mean"``, ``"max"`` or ``"min"`` over heads.
 
     Returns:
-        ``[B,N,N]`` in the input dtype (the mean adds the heads in order in fp32, then divides by H).
+        ``[B,N,N]`` in the input dtype (the mean adds the heads in order in fp32, fp64 for fp64 maps, then divides
+        by H).
 
     Examples:
         >>> fuse_heads(torch.rand(2, 12, 197, 197)).shape
@@ -186,14 +196,14 @@ def _straddled_drop(flat: Tensor, threshold: Tensor, count: int) -> Tensor:
 def _discarded(
     attn: Tensor, ratio: float, protect: str, *, inplace: bool = False, rows: Tensor | None = None
 ) -> Tensor:
-    """``attn [B,N,N]`` (fp32) with the entries :func:`discard_lowest` zeroes set to zero.
+    """``attn [B,N,N]`` (fp32 or fp64) with the entries :func:`discard_lowest` zeroes set to zero.
 
     A new tensor, or ``attn`` itself modified when ``inplace`` (for buffers the caller owns: it saves allocating, and
     first touching, another ``[B,N,N]`` buffer). With ``rows`` (LongTensor ``[B]``) only those rows are returned,
     ``[B,N]``: the threshold still comes from the whole matrix, but nothing else is written.
     """
     b, n, _ = attn.shape
-    count = math.floor(ratio * n * n)
+    count = math.floor(n * n * ratio)
     index = None if rows is None else torch.arange(b, device=attn.device)
     if rows is not None:
         out = attn[index, rows]  # a copy
@@ -225,6 +235,8 @@ def _discarded(
 def discard_lowest(attn: Tensor, ratio: float, protect: str = "entry0") -> Tensor:
     """Zero the ``floor(ratio * N * N)`` smallest entries of each sample's whole map (global, not per row).
 
+    The count is computed as the published code does, ``int(N * N * ratio)`` (``N * N`` first, one rounding).
+
     Ties at the threshold: the entry with the lower flat index is zeroed first. ``protect="entry0"`` keeps flat index 0
     (entry (0, 0)) untouched even when it is among them, exactly as the published ITSELF / vit-explain rollout does
     (it then zeroes one entry fewer); ``protect="none"`` keeps nothing.
@@ -249,7 +261,7 @@ def discard_lowest(attn: Tensor, ratio: float, protect: str = "entry0") -> Tenso
     ratio = _check_ratio(ratio, "ratio")
     _check_choice(protect, PROTECT_MODES, "protect")
     _check_finite(attn, "attn")
-    return _discarded(attn.float(), ratio, protect).to(attn.dtype)
+    return _discarded(attn.to(_acc_dtype(attn)), ratio, protect).to(attn.dtype)
 
 
 def residual_normalize(attn: Tensor) -> Tensor:
@@ -259,7 +271,7 @@ def residual_normalize(attn: Tensor) -> Tensor:
         attn: ``[B,N,N]`` non-negative map.
 
     Returns:
-        ``[B,N,N]`` row-stochastic map in the input dtype.
+        ``[B,N,N]`` row-stochastic map in the input dtype (computed in fp32, or fp64 for fp64 maps).
 
     Examples:
         >>> residual_normalize(torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]))
@@ -268,16 +280,16 @@ def residual_normalize(attn: Tensor) -> Tensor:
     """
     check_maps(attn, allow_heads=False)
     _check_nonnegative_finite(attn, "attn")
-    eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
-    a = (attn + eye) / 2
-    return a / a.sum(dim=-1, keepdim=True)
+    x = attn.to(_acc_dtype(attn))  # fp16/bf16 maps: computed in fp32, rounded once at the end
+    a = (x + torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)) / 2
+    return (a / a.sum(dim=-1, keepdim=True)).to(attn.dtype)
 
 
 def _per_layer_ratios(discard_ratio: float | Sequence[float], num_layers: int) -> list[float]:
-    if isinstance(discard_ratio, (int, float)) and not isinstance(discard_ratio, bool):
-        return [_check_ratio(discard_ratio, "discard_ratio")] * num_layers
-    if isinstance(discard_ratio, Tensor):
+    if isinstance(discard_ratio, (Tensor, np.ndarray)):  # one value or one per layer
         discard_ratio = discard_ratio.tolist()
+    if isinstance(discard_ratio, numbers.Real) and not isinstance(discard_ratio, (bool, np.bool_)):
+        return [_check_ratio(discard_ratio, "discard_ratio")] * num_layers
     if not isinstance(discard_ratio, Sequence) or isinstance(discard_ratio, str):
         raise TypeError(f"discard_ratio must be a float or one float per layer, got {type(discard_ratio).__name__}")
     if len(discard_ratio) != num_layers:
@@ -309,10 +321,18 @@ def _check_layer_list(attentions: Sequence[Tensor], name: str = "attentions") ->
     return maps
 
 
+def _integer(value: object) -> int | None:
+    """``value`` as an int when it is an integer scalar (Python or numpy int, not bool), else None."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return operator.index(value)
+    return None
+
+
 def _check_query(query: int | Tensor, batch: int, n: int, device: torch.device) -> Tensor:
     """Per-sample query rows as a LongTensor ``[B]`` on ``device``."""
     if isinstance(query, bool):
         raise TypeError("query must be an int or a LongTensor [B] of row indices, got bool")
+    query = query if _integer(query) is None else _integer(query)
     if isinstance(query, int):
         if not -n <= query < n:
             raise ValueError(f"query must be a row index in [0, {n}), got {query}")
@@ -332,15 +352,23 @@ def _check_query(query: int | Tensor, batch: int, n: int, device: torch.device) 
 
 
 def _prepared_layer(
-    attn: Tensor, ratio: float, head_fusion: str, protect: str, rows: Tensor | None = None
+    attn: Tensor,
+    ratio: float,
+    head_fusion: str,
+    protect: str,
+    rows: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """Head-fused, discarded fp32 map ``A_d`` and the row sums of ``A_d + I`` (so ``Â = (A_d + I) / s``); with
-    ``rows`` only those rows of ``A_d`` (``[B,N]``) and their sums (``[B]``)."""
+    """Head-fused, discarded map ``A_d`` (in ``dtype``) and the row sums of ``A_d + I`` (so ``Â = (A_d + I) / s``);
+    with ``rows`` only those rows of ``A_d`` (``[B,N]``) and their sums (``[B]``)."""
     if head_fusion == "min" and attn.dim() == 4:
         _check_finite(attn, "attentions")  # a minimum over heads can hide an inf
-    a = _fused_fp32(attn, head_fusion)
+    a = _fused_fp32(attn, head_fusion, dtype)
     _check_nonnegative_finite(a, "attentions")  # on the fused map: one cheap pass
-    a = _discarded(a, ratio, protect, inplace=a is not attn, rows=rows)  # the fused map is our own buffer
+    # the fused map is our own buffer and may be written in place, unless autograd needs it (amax / amin save their
+    # output for the backward pass)
+    own = a is not attn and not (a.requires_grad and torch.is_grad_enabled())
+    a = _discarded(a, ratio, protect, inplace=own, rows=rows)
     return a, a.sum(dim=-1) + 1
 
 
@@ -356,7 +384,7 @@ def rollout(
 
     For each layer: fuse heads, discard the lowest entries (:func:`discard_lowest`), add the residual path and
     row-normalise (:func:`residual_normalize`), giving ``Â_l``. The rollout is ``R = Â_last @ ... @ Â_first`` (later
-    layers multiply on the left), accumulated in fp32.
+    layers multiply on the left), accumulated in fp32 (fp64 when a map is fp64).
 
     Args:
         attentions: per-layer maps in forward order (lowest layer first), each ``[B,H,N,N]`` or ``[B,N,N]``, already
@@ -369,9 +397,9 @@ def rollout(
             (such as the text EOS position).
 
     Returns:
-        ``[B,N,N]`` fp32 rollout, or its query rows ``R[b, query[b], :]`` as ``[B,N]`` computed as the row-vector
-        chain ``e_q^T Â_last ... Â_first`` (O(L N^2); the N x N product is never formed). Computed without autograd
-        unless an input requires grad.
+        ``[B,N,N]`` fp32 rollout (fp64 for fp64 maps), or its query rows ``R[b, query[b], :]`` as ``[B,N]``
+        computed as the row-vector chain ``e_q^T Â_last ... Â_first`` (O(L N^2); the N x N product is never formed).
+        Computed without autograd unless an input requires grad.
 
     Examples:
         >>> maps = [torch.softmax(torch.randn(2, 12, 193, 193), -1) for _ in range(2)]
@@ -385,22 +413,24 @@ def rollout(
     batch, n = maps[0].shape[0], maps[0].shape[-1]
     device = maps[0].device
     rows = None if query is None else _check_query(query, batch, n, device)
+    dtype = _acc_dtype(*maps)
 
     with torch.set_grad_enabled(torch.is_grad_enabled() and any(a.requires_grad for a in maps)):
         if rows is None:
-            result = torch.eye(n, device=device, dtype=torch.float32).expand(batch, n, n)
+            result = torch.eye(n, device=device, dtype=dtype).expand(batch, n, n)
             for attn, ratio in zip(maps, ratios):
-                a, sums = _prepared_layer(attn, ratio, head_fusion, protect)
+                a, sums = _prepared_layer(attn, ratio, head_fusion, protect, dtype=dtype)
                 # Â @ R = ((A_d + I) @ R) / s  with s the row sums of A_d + I
                 result = (torch.bmm(a, result) + result) / sums.unsqueeze(-1)
             return result.contiguous()
         # row-vector chain, last layer first. The last layer contributes only its query rows:
         # v = e_q Â_last = (A_d[q] + e_q) / s_q; then v <- v Â_l = (v / s) A_d + v / s for the earlier layers.
-        a_rows, sums = _prepared_layer(maps[-1], ratios[-1], head_fusion, protect, rows=rows)
-        v = a_rows.index_put((torch.arange(batch, device=device), rows), a_rows[torch.arange(batch), rows] + 1.0)
+        a_rows, sums = _prepared_layer(maps[-1], ratios[-1], head_fusion, protect, rows=rows, dtype=dtype)
+        samples = torch.arange(batch, device=device)
+        v = a_rows.index_put((samples, rows), a_rows[samples, rows] + 1.0)
         v = v / sums.unsqueeze(-1)
         for attn, ratio in zip(reversed(maps[:-1]), reversed(ratios[:-1])):
-            a, sums = _prepared_layer(attn, ratio, head_fusion, protect)
+            a, sums = _prepared_layer(attn, ratio, head_fusion, protect, dtype=dtype)
             w = v / sums
             v = torch.bmm(w.unsqueeze(1), a).squeeze(1) + w
         return v
@@ -415,7 +445,7 @@ def layer_statistic(attentions: Sequence[Tensor], stat: str, query: int | Tensor
         query: an int or a LongTensor ``[B]`` of per-sample rows.
 
     Returns:
-        ``[B,N]`` fp32 scores.
+        ``[B,N]`` fp32 scores (fp64 for fp64 maps).
 
     Examples:
         >>> maps = [torch.softmax(torch.randn(2, 4, 10, 10), -1) for _ in range(3)]  # L = 3 layers of [B,H,N,N]
@@ -431,7 +461,8 @@ def layer_statistic(attentions: Sequence[Tensor], stat: str, query: int | Tensor
     rows = _check_query(query, batch, n, maps[0].device)
     index = rows.view(batch, 1, 1).expand(batch, 1, n)
     with torch.set_grad_enabled(torch.is_grad_enabled() and any(a.requires_grad for a in maps)):
-        stacked = torch.stack([_fused_fp32(a, "mean").gather(1, index).squeeze(1) for a in maps])  # [L,B,N]
+        dtype = _acc_dtype(*maps)
+        stacked = torch.stack([_fused_fp32(a, "mean", dtype).gather(1, index).squeeze(1) for a in maps])  # [L,B,N]
         _check_finite(stacked, "attentions")
         if stat == "mean":
             return stacked.mean(0)
@@ -441,7 +472,11 @@ def layer_statistic(attentions: Sequence[Tensor], stat: str, query: int | Tensor
 # --------------------------------------------------------------------------------------------------------------------
 # selection, gather, pooling
 # --------------------------------------------------------------------------------------------------------------------
-def _check_valid(valid: Tensor | None, shape: torch.Size, device: torch.device, name: str = "valid") -> Tensor | None:
+def _check_valid(
+    valid: Tensor | None, shape: torch.Size, device: torch.device, name: str = "valid", *, rows: bool = True
+) -> Tensor | None:
+    """Type, shape and device of a ``valid`` mask; with ``rows``, also that every sample has a True entry (a read-back
+    of device data: callers that check it together with other values pass ``rows=False``)."""
     if valid is None:
         return None
     _check_tensor(valid, name)
@@ -451,6 +486,8 @@ def _check_valid(valid: Tensor | None, shape: torch.Size, device: torch.device, 
         raise ValueError(f"{name} must have shape {tuple(shape)} like scores, got {tuple(valid.shape)}")
     if valid.device != device:
         raise ValueError(f"{name} is on {valid.device} but scores are on {device}")
+    if not rows:
+        return valid
     empty = ~valid.any(dim=1)
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()[:8]
@@ -460,8 +497,10 @@ def _check_valid(valid: Tensor | None, shape: torch.Size, device: torch.device, 
 
 def check_k(k: int, n: int, name: str = "k") -> int:
     """Validate a token count ``k`` against ``n`` tokens: an int in ``[1, n]``."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        if isinstance(k, Tensor) and k.numel() == 1 and not k.is_floating_point():
+    if _integer(k) is not None:
+        k = _integer(k)
+    else:
+        if isinstance(k, Tensor) and k.numel() == 1 and not k.is_floating_point() and k.dtype != torch.bool:
             k = int(k)
         else:
             raise TypeError(f"{name} must be an int in [1, {n}], got {type(k).__name__}")
@@ -569,6 +608,8 @@ def masked_max_pool(tokens: Tensor, mask: Tensor) -> Tensor:
     _check_tensor(tokens, "tokens")
     if tokens.dim() != 3:
         raise ValueError(f"tokens must have shape [B,k,D], got {tuple(tokens.shape)}")
+    if tokens.dtype == torch.bool or tokens.is_complex():
+        raise TypeError(f"tokens must be a real floating-point or integer tensor, got dtype {tokens.dtype}")
     mask = _check_valid(mask, tokens.shape[:2], tokens.device, name="mask")
     fill = float("-inf") if tokens.is_floating_point() else torch.iinfo(tokens.dtype).min
     return tokens.masked_fill(~mask.unsqueeze(-1), fill).amax(dim=1)

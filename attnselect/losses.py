@@ -214,6 +214,7 @@ def tal_loss(
     with _no_autocast(image_features.device):
         v = F.normalize(image_features.float(), dim=-1)
         t = F.normalize(text_features.float(), dim=-1)
+        pids = pids.to(v.device)
         if gather:
             v, t, pids = all_gather_with_grad(v), all_gather_with_grad(t), all_gather_with_grad(pids)
         positive = pids[:, None] == pids[None, :]
@@ -278,6 +279,7 @@ def id_loss(
         )
     with _no_autocast(image_logits.device):
         li, lt = image_logits.float(), text_logits.float()
+        pids = pids.to(device=li.device, dtype=torch.long)
         if gather:
             li, lt, pids = all_gather_with_grad(li), all_gather_with_grad(lt), all_gather_with_grad(pids)
         loss = F.cross_entropy(li, pids) + F.cross_entropy(lt, pids)
@@ -330,6 +332,8 @@ def sdm_loss(
     with _no_autocast(image_features.device):
         v = F.normalize(image_features.float(), dim=-1)
         t = F.normalize(text_features.float(), dim=-1)
+        pids = pids.to(v.device)
+        image_ids = image_ids.to(v.device) if image_ids is not None else None
         if gather:
             v, t, pids = all_gather_with_grad(v), all_gather_with_grad(t), all_gather_with_grad(pids)
             if image_ids is not None:
@@ -473,6 +477,7 @@ class CIDLoss(nn.Module):
         with _no_autocast(image_features.device):
             v = image_features.float()
             t = text_features.float()
+            pids = pids.to(v.device)
             if self.gather:
                 v, t, pids = all_gather_with_grad(v), all_gather_with_grad(t), all_gather_with_grad(pids)
             pids = pids.long()

@@ -9,8 +9,8 @@ For each query the gallery is sorted by descending similarity and ``m_q(r) = [pi
 - ``rsum``: the sum of the R@K values.
 
 Ties: the sort is stable, so gallery items with equal similarity are ranked by ascending gallery index (the IRRA
-code's ``argsort`` leaves their order unspecified). The queries are processed in chunks so that at most
-``chunk_size x G`` ranks exist at once.
+code's ``argsort`` leaves their order unspecified). ``-inf`` scores rank last; NaN scores cannot be ranked and raise a
+ValueError. The queries are processed in chunks so that at most ``chunk_size x G`` ranks exist at once.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def retrieval_metrics(
 
     Args:
         similarity: ``[Q, G]`` scores, higher = more similar (rows are queries, e.g. captions; columns gallery
-            items, e.g. images). Any float dtype and device; computed on that device.
+            items, e.g. images). Any float dtype and device; computed on that device. NaN raises a ValueError.
         query_ids: ``[Q]`` integer identities of the queries.
         gallery_ids: ``[G]`` integer identities of the gallery items.
-        ks: the cut-offs K of R@K (each >= 1; K > G counts the whole gallery).
+        ks: distinct cut-offs K of R@K (each >= 1; K > G counts the whole gallery).
         chunk_size: queries sorted at once; ``None`` picks ``max(1, 2**22 // G)``.
         missing: what to do with queries that have no positive in the gallery (their AP and INP are undefined):
             ``"raise"`` (default) raises a ValueError naming them; ``"skip"`` leaves them out of every metric
@@ -102,6 +102,10 @@ def retrieval_metrics(
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
         raise ValueError(f"retrieval_metrics: ks must be a non-empty sequence of integers >= 1, got {ks}")
+    if len(set(ks)) != len(ks):
+        raise ValueError(
+            f"retrieval_metrics: ks must be distinct (each R@K is one key and counts once in rsum), got {ks}"
+        )
     if missing not in ("raise", "skip"):
         raise ValueError(f"retrieval_metrics: missing must be 'raise' or 'skip', got {missing!r}")
     if chunk_size is None:
@@ -114,6 +118,14 @@ def retrieval_metrics(
     gallery_ids = gallery_ids.to(device=device, dtype=torch.long)
     if similarity.dtype in (torch.float16, torch.bfloat16):
         similarity = similarity.float()
+    if similarity.is_floating_point():
+        num_nan = int(torch.isnan(similarity).sum())
+        if num_nan:
+            rows = torch.nonzero(torch.isnan(similarity).any(dim=1)).flatten()[:20].tolist()
+            raise ValueError(
+                f"retrieval_metrics: similarity holds {num_nan} NaN value(s) (first query rows {rows}); a NaN cannot "
+                "be ranked (a sort would place it first), check the features for NaN"
+            )
 
     num_pos = torch.cat(
         [(query_ids[i : i + chunk_size, None] == gallery_ids[None, :]).sum(dim=1) for i in range(0, q, chunk_size)]

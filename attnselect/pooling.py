@@ -56,8 +56,9 @@ class GPOPool(nn.Module):
     output is invariant to permuting the valid tokens.
 
     Args:
-        d_pe: width of the rank encoding.
+        d_pe: width of the rank encoding (even).
         d_hidden: hidden width of the GRU.
+        temperature: softmax temperature of the rank weights (0.1 in VSE-infinity), positive.
 
     Examples:
         >>> GPOPool()(torch.randn(2, 7, 16), torch.ones(2, 7, dtype=torch.bool)).shape
@@ -66,8 +67,12 @@ class GPOPool(nn.Module):
 
     def __init__(self, d_pe: int = 32, d_hidden: int = 32, temperature: float = 0.1) -> None:
         super().__init__()
-        if d_pe < 2 or d_pe % 2:
-            raise ValueError(f"d_pe must be an even int >= 2, got {d_pe}")
+        if isinstance(d_pe, bool) or not isinstance(d_pe, int) or d_pe < 2 or d_pe % 2:
+            raise ValueError(f"d_pe must be an even int >= 2, got {d_pe!r}")
+        if isinstance(d_hidden, bool) or not isinstance(d_hidden, int) or d_hidden < 1:
+            raise ValueError(f"d_hidden must be a positive int, got {d_hidden!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
         self.d_pe = d_pe
         self.d_hidden = d_hidden
         self.temperature = temperature
@@ -90,6 +95,8 @@ class GPOPool(nn.Module):
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = _check_tokens_mask(tokens, mask)
+        if tokens.shape[0] == 0:  # an empty batch: nothing to pack through the GRU
+            return tokens.new_zeros(0, tokens.shape[-1])
         lengths = mask.sum(dim=1)
         max_len = tokens.shape[1]
         weights = self.rank_weights(lengths, max_len)  # [B, K]

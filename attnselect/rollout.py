@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 from torch import Tensor, nn
 
 from . import functional as F
@@ -82,10 +84,16 @@ class MultiLayerRollout(nn.Module):
                 raise ValueError(f"layers: unknown layer name {item!r}; use an int or one of {LAYER_GROUPS}")
             if not isinstance(item, (int, str)) or isinstance(item, bool):
                 raise TypeError(f"layers must hold ints or names {LAYER_GROUPS}, got {type(item).__name__}")
-        if isinstance(discard_ratio, (int, float)) and not isinstance(discard_ratio, bool):
-            F._check_ratio(discard_ratio, "discard_ratio")
-        else:
+        if isinstance(discard_ratio, (Tensor, np.ndarray)):
+            discard_ratio = discard_ratio.tolist()
+        if isinstance(discard_ratio, numbers.Real) and not isinstance(discard_ratio, (bool, np.bool_)):
+            discard_ratio = F._check_ratio(discard_ratio, "discard_ratio")
+        elif isinstance(discard_ratio, Sequence) and not isinstance(discard_ratio, str):
             discard_ratio = tuple(F._check_ratio(r, f"discard_ratio[{i}]") for i, r in enumerate(discard_ratio))
+        else:
+            raise TypeError(
+                f"discard_ratio must be a float in [0, 1] or one float per layer, got {type(discard_ratio).__name__}"
+            )
         F._check_choice(head_fusion, F.FUSION_MODES, "head_fusion")
         F._check_choice(protect, F.PROTECT_MODES, "protect")
         self.discard_ratio = discard_ratio
@@ -111,7 +119,16 @@ class MultiLayerRollout(nn.Module):
                 raise ValueError("attentions is empty: no layer was captured")
             keys = sorted(attentions)
             if num_layers is None and keys == list(range(len(keys))):
-                num_layers = len(keys)  # a capture of every layer
+                # a capture of every layer of a len(keys)-layer host, or exactly this rollout's layers of a deeper one
+                # that happen to be 0..m-1: when the two readings pick different maps, only the depth can tell
+                named = any(isinstance(i, str) for i in self.layers)
+                if named and len(keys) == len(set(self.layers)) and self.resolve_layers(len(keys)) != tuple(keys):
+                    raise ValueError(
+                        f"attentions holds layers {keys}: as a whole {len(keys)}-layer host this rollout's layers "
+                        f"{self.layers} resolve to {list(self.resolve_layers(len(keys)))}, as a capture of exactly "
+                        "its layers it uses all of them; pass num_layers (the host depth)"
+                    )
+                num_layers = len(keys)
             if num_layers is None:
                 if all(isinstance(i, int) and i >= 0 for i in self.layers):
                     wanted = tuple(sorted(set(self.layers)))
@@ -155,6 +172,8 @@ class MultiLayerRollout(nn.Module):
             num_layers: host depth, to resolve named layers against a mapping.
         """
         maps = self.select(attentions, num_layers)
+        if F._integer(query) is not None:  # numpy integers read as Python ints on every path
+            query = F._integer(query)
         from . import kernels  # the gate: Triton for CUDA tensors (or TRITON_INTERPRET=1), else the reference
 
         return kernels.rollout(

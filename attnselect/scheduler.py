@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["SCHEDULES", "AdaptiveTokenScheduler"]
 
 SCHEDULES = ("exp", "linear", "cosine", "fixed")
 GRANULARITIES = ("step", "epoch")
+
+
+def _as_int(value: object, name: str) -> int:
+    """An integer scalar (Python or numpy int, or a one-element integer tensor) as an int; TypeError otherwise."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        if value.dtype != torch.bool and not value.is_complex():
+            return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return operator.index(value)
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -69,9 +82,9 @@ class AdaptiveTokenScheduler(nn.Module):
         self.total_steps = _positive_int(total_steps, "total_steps")
         self.schedule = schedule
         self.granularity = granularity
-        if granularity == "epoch":
-            if steps_per_epoch is None:
-                raise ValueError('steps_per_epoch is required with granularity="epoch"')
+        if granularity == "epoch" and steps_per_epoch is None:
+            raise ValueError('steps_per_epoch is required with granularity="epoch"')
+        if steps_per_epoch is not None:
             steps_per_epoch = _positive_int(steps_per_epoch, "steps_per_epoch")
         self.steps_per_epoch = steps_per_epoch
         self._step = 0
@@ -98,8 +111,8 @@ class AdaptiveTokenScheduler(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- values
     def _t(self, step: int | None) -> int:
-        t = self._step if step is None else step
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        t = self._step if step is None else _as_int(step, "step")
+        if t < 0:
             raise ValueError(f"step must be a non-negative int, got {t!r}")
         if self.granularity == "epoch":
             assert self.steps_per_epoch is not None
@@ -123,7 +136,7 @@ class AdaptiveTokenScheduler(nn.Module):
 
     def num_tokens(self, n: int, step: int | None = None) -> int:
         """Tokens to keep out of ``n`` selectable ones at ``step``, clamped to ``[1, n]``."""
-        n = _positive_int(n, "n")
+        n = _positive_int(_as_int(n, "n"), "n")
         return min(max(int(self._scaled(n, step)), 1), n)
 
     def extra_repr(self) -> str:

@@ -401,7 +401,27 @@ def prepare_data(config: TrainConfig):
                 f"dataset {config.dataset!r} needs --root (the folder holding {DATASET_NAMES[config.dataset]}/)"
             )
         root = Path(config.root)
-    return load_pedes(DATASET_NAMES[config.dataset], root)
+    data = load_pedes(DATASET_NAMES[config.dataset], root)
+    _check_first_images(data)
+    return data
+
+
+def _check_first_images(data) -> None:
+    """Fail before any model is built when the first image of a split is missing (a wrong root or ``imgs/``).
+
+    Only the first image of each split is looked at (cheap on network file systems); ``load_pedes(...,
+    check_files=True)`` checks them all. A later missing image fails in the DataLoader.
+    """
+    firsts = [("train", data.train[0].img_path)] if data.train else []
+    firsts += [
+        (name, getattr(data, name)["img_paths"][0]) for name in ("val", "test") if getattr(data, name)["img_paths"]
+    ]
+    for split, path in firsts:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{data.name}: the first {split} image {path} does not exist; the annotation paths are read relative "
+                f"to {data.root / 'imgs'} (see docs/data.md)"
+            )
 
 
 class _SeededRandomSampler(Sampler[int]):
@@ -440,9 +460,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of ranks ({world})")
         self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
         self.max_batches = max_batches
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's batches; ``skip`` leaves out its first batches (resuming inside an epoch)."""
         self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        self.skip = int(skip)
 
     def __iter__(self) -> Iterator[list[int]]:
         flat = list(iter(self.sampler))
@@ -450,10 +473,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
         for count, start in enumerate(range(0, len(flat) - self.batch_size + 1, self.batch_size)):
             if self.max_batches is not None and count >= self.max_batches:
                 return
+            if count < self.skip:
+                continue
             batch = flat[start : start + self.batch_size]
             yield batch[self.rank * per : (self.rank + 1) * per]
 
     def __len__(self) -> int:
+        """Batches of the whole epoch (``skip`` not subtracted)."""
         n = len(self.sampler) // self.batch_size  # type: ignore[arg-type]
         return n if self.max_batches is None else min(n, self.max_batches)
 
@@ -480,13 +506,23 @@ def build_train_loader(config: TrainConfig, data, device: torch.device) -> DataL
         raise ValueError(
             f"the training split ({len(dataset)} captions) gives no full batch of {config.batch_size}; lower batch_size"
         )
+    # The loader draws its worker seed from its own generator, re-seeded every epoch (see _seed_loader), so that
+    # creating an iterator never consumes the global RNG and a resumed epoch gets the workers' seeds of the original.
     return DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        generator=torch.Generator(),
     )
+
+
+def _seed_loader(loader: DataLoader, config: TrainConfig, epoch: int, skip: int = 0) -> None:
+    """Select the epoch's batches (leaving out the first ``skip``) and seed the loader's worker-seed generator."""
+    loader.batch_sampler.set_epoch(epoch, skip)  # type: ignore[union-attr]
+    if loader.generator is not None:
+        loader.generator.manual_seed((config.seed * 1_000_003 + epoch) * 1_009 + _rank())
 
 
 # ================================================================================================================
@@ -748,8 +784,12 @@ def save_checkpoint(
     best: float | None = None,
     config: TrainConfig | None = None,
     rng: list[dict[str, Any]] | None = None,
+    epoch_step: int = 0,
 ) -> Path:
     """Write ``model.safetensors``, ``train_state.pt`` and ``config.json`` into ``folder`` (atomically per file).
+
+    ``epoch`` counts completed epochs; ``epoch_step`` is the number of steps already taken in the next, unfinished
+    epoch (non-zero when a run stopped inside an epoch, e.g. on its time budget), where a resumed run continues.
 
     ``train_state.pt`` holds only tensors, numbers, strings, lists, tuples and dicts, so
     ``torch.load(path, weights_only=True)`` reads it.
@@ -776,6 +816,7 @@ def save_checkpoint(
     os.replace(tmp, folder / "model.safetensors")
     state = {
         "epoch": int(epoch),
+        "epoch_step": int(epoch_step),
         "global_step": int(global_step),
         "ats_step": int(core.ats.current_step) if core.ats is not None else 0,
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
@@ -817,7 +858,8 @@ def load_checkpoint(
     restore_rng: bool = True,
 ) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`: weights, ATS step, optimiser, LR schedule, scaler,
-    and this rank's RNG state. Returns the train state (``epoch`` = completed epochs, ``global_step``, ``best``).
+    and this rank's RNG state. Returns the train state (``epoch`` = completed epochs, ``epoch_step`` = steps taken in
+    the unfinished next epoch, ``global_step``, ``best``).
 
     Examples:
         >>> import tempfile
@@ -1003,7 +1045,7 @@ def _train(config: TrainConfig, device: torch.device, t_start: float) -> dict[st
         world,
     )
 
-    start_epoch, global_step, best = 0, 0, -1.0
+    start_epoch, global_step, best, resume_skip = 0, 0, -1.0, 0
     folder = _resume_folder(config)
     if folder is not None:
         state = load_checkpoint(folder, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
@@ -1013,11 +1055,13 @@ def _train(config: TrainConfig, device: torch.device, t_start: float) -> dict[st
                 "resume from checkpoints/last, or start a new run from these weights"
             )
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+        resume_skip = int(state.get("epoch_step", 0))
         best = state["best"] if state["best"] is not None else -1.0
         logger.info(
-            "resumed from %s at epoch %d, step %d, ATS step %s",
+            "resumed from %s at epoch %d (+%d steps), step %d, ATS step %s",
             folder,
             start_epoch,
+            resume_skip,
             global_step,
             model.ats.current_step if model.ats is not None else "-",
         )
@@ -1030,12 +1074,14 @@ def _train(config: TrainConfig, device: torch.device, t_start: float) -> dict[st
     stop = False
     epoch = start_epoch
     for epoch in range(start_epoch, config.epochs):
-        loader.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        skip = resume_skip if epoch == start_epoch else 0
+        _seed_loader(loader, config, epoch, skip)
+        epoch_len = len(loader)  # batches of this epoch (the identity sampler's count varies a little per epoch)
         model.train()
         sums: dict[str, float] = {}
         n_steps = 0
         t_epoch = time.time()
-        bar = _progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and rank == 0)
+        bar = _progress(loader, epoch_len - skip, f"epoch {epoch + 1}/{config.epochs}", config.progress and rank == 0)
         for batch in bar:
             losses = train_step(ddp, batch, optimizer, scaler, config, device, precision)
             global_step += 1
@@ -1049,10 +1095,14 @@ def _train(config: TrainConfig, device: torch.device, t_start: float) -> dict[st
             if config.time_budget_s is not None and time.time() - t_start > config.time_budget_s:
                 stop = True
                 break
+        # Stopped inside the epoch (time budget): the epoch stays unfinished, the LR schedule does not advance, and
+        # the checkpoint records how many of its steps were taken so that a resumed run continues with the next one.
+        epoch_step = skip + n_steps if skip + n_steps < epoch_len else 0
         if config.stop_after is not None and epoch + 1 >= config.stop_after:
             stop = True
         lr_now = [g["lr"] for g in optimizer.param_groups]
-        scheduler.step()
+        if not epoch_step:
+            scheduler.step()
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": global_step,
@@ -1061,6 +1111,8 @@ def _train(config: TrainConfig, device: torch.device, t_start: float) -> dict[st
             "time_s": round(time.time() - t_epoch, 2),
             **{k: v / max(n_steps, 1) for k, v in sums.items()},
         }
+        if epoch_step or skip:
+            record["epoch_steps"] = [skip, skip + n_steps]  # the steps of this epoch that this record covers
         if model.ats is not None:
             record["ats_step"] = model.ats.current_step
             record["k_image"] = model.last_banks["image"].k if "image" in model.last_banks else None
@@ -1093,7 +1145,8 @@ def _train(config: TrainConfig, device: torch.device, t_start: float) -> dict[st
                     optimizer=optimizer,
                     scheduler=scheduler,
                     scaler=scaler,
-                    epoch=epoch + 1,
+                    epoch=epoch if epoch_step else epoch + 1,
+                    epoch_step=epoch_step,
                     global_step=global_step,
                     best=best,
                     config=config,
@@ -1435,6 +1488,11 @@ def _eval(config: TrainConfig, explicit: Sequence[str] = ()) -> int:
     command line, of which the inference settings replace the checkpoint's."""
     device = _resolve_device(config.device)
     folder = _resume_folder(config)
+    if folder is None and config.resume == "auto":
+        raise FileNotFoundError(
+            f"--resume auto: no checkpoint at {Path(config.out_dir) / 'checkpoints' / 'last'} (set --out to the run's "
+            "folder, or give --resume CHECKPOINT_DIR)"
+        )
     if folder is not None:
         overrides = {f: getattr(config.model, f) for f in _INFERENCE_FIELDS if f in explicit}
         model = load_model(folder, device, **overrides)

@@ -20,6 +20,7 @@ matplotlib is imported on first use of a figure builder, so ``import attnselect.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,13 +68,24 @@ def _check_prefix(num_prefix_tokens: object) -> int:
 
 
 def _check_grid(grid: object) -> tuple[int, int]:
-    if (
-        not isinstance(grid, (tuple, list))
-        or len(grid) != 2
-        or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
-    ):
+    """``(rows, cols)`` from a pair of positive integers (Python, numpy or 0-d torch integers, or a length-2
+    integer array / tensor)."""
+    items = grid.tolist() if isinstance(grid, (np.ndarray, Tensor)) else grid
+    out = []
+    if isinstance(items, (tuple, list)) and len(items) == 2:
+        for g in items:
+            if isinstance(g, (bool, np.bool_)) or (isinstance(g, Tensor) and g.dtype == torch.bool):
+                break
+            try:
+                value = operator.index(g)
+            except TypeError:
+                break
+            if value < 1:
+                break
+            out.append(value)
+    if len(out) != 2:
         raise ValueError(f"grid must be a pair of positive ints (rows, cols), got {grid!r}")
-    return int(grid[0]), int(grid[1])
+    return out[0], out[1]
 
 
 def infer_grid(num_patches: int, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -114,13 +126,27 @@ def infer_grid(num_patches: int, image_size: tuple[int, int] | None = None) -> t
     return min(pairs, key=lambda rc: abs(math.log(rc[0] / rc[1]) - target))
 
 
-def _resolve_grid(n_tokens: int, grid: tuple[int, int] | None, num_prefix_tokens: int, name: str) -> tuple[int, int]:
+def _resolve_grid(
+    n_tokens: int,
+    grid: tuple[int, int] | None,
+    num_prefix_tokens: int,
+    name: str,
+    image_size: tuple[int, int] | None = None,
+) -> tuple[int, int]:
     num_prefix_tokens = _check_prefix(num_prefix_tokens)
     num_patches = n_tokens - num_prefix_tokens
     if num_patches < 1:
         raise ValueError(f"{name} has {n_tokens} tokens, not more than num_prefix_tokens={num_prefix_tokens}")
     if grid is None:
-        return infer_grid(num_patches)
+        if image_size is not None:
+            return infer_grid(num_patches, image_size=image_size)
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(
+                f"{name}: {num_patches} patches do not form a square grid and there is no image to take the aspect "
+                f"ratio from; pass grid=(rows, cols) (e.g. (24, 8) for a 384x128 crop with 16-pixel patches)"
+            )
+        return side, side
     rows, cols = _check_grid(grid)
     if rows * cols != num_patches:
         raise ValueError(
@@ -621,6 +647,19 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def _image_at(image: Any, index: int) -> np.ndarray | None:
+    """The picture of sample ``index`` as ``[H,W,3]``: a batched ``[B,3,H,W]`` tensor (or ``[B,H,W,C]`` array)
+    gives its ``index``-th image; anything else is one picture (see :func:`image_to_array`)."""
+    if image is None:
+        return None
+    batched = (isinstance(image, Tensor) and image.dim() == 4) or (isinstance(image, np.ndarray) and image.ndim == 4)
+    if batched and image.shape[0] > 1:
+        if not 0 <= index < image.shape[0]:
+            raise ValueError(f"index {index} is out of range for image with batch size {image.shape[0]}")
+        image = image[index]
+    return image_to_array(image)
+
+
 def _single(x: Tensor, name: str, index: int) -> Tensor:
     """The sample ``index`` of a ``[B,...]`` tensor, or the tensor itself when it has no batch axis."""
     if x.dim() == 2:
@@ -650,9 +689,10 @@ def plot_saliency(
         image: the input picture (see :func:`image_to_array`), or None to draw the patch grid alone.
         saliency: ``[N]`` or ``[B,N]`` per-token scores (``BankOutput.saliency``, a rollout query row, one layer's
             CLS row from :func:`query_row_saliency`).
-        grid: patch grid ``(rows, cols)``; None infers a square grid.
+        grid: patch grid ``(rows, cols)``; None infers it from the image's aspect ratio (a square grid without an
+            image).
         num_prefix_tokens: CLS + register tokens before the patches (0 for SigLIP).
-        index: the sample to draw when ``saliency`` has a batch axis.
+        index: the sample to draw when ``saliency`` (or a ``[B,3,H,W]`` image batch) has a batch axis.
         alpha: opacity of the heat map over the image.
         cmap: matplotlib colormap name.
         title: axes title.
@@ -669,8 +709,10 @@ def plot_saliency(
         'CLS row'
     """
     scores = _single(_as_tensor(saliency, "saliency"), "saliency", index)
+    img = _image_at(image, index)
+    if grid is None:
+        grid = _resolve_grid(scores.shape[-1], None, num_prefix_tokens, "saliency", _hw(img))
     heat = patch_grid_scores(scores, grid, num_prefix_tokens).cpu().numpy()
-    img = None if image is None else image_to_array(image)
     fig, ax = _new_figure(_panel_size(*heat.shape, extra_width=0.8 if colorbar else 0.0), ax)
     im = _heat_over(ax, heat, img, alpha=_check_alpha(alpha), cmap=cmap, interpolation="bilinear")
     if colorbar:
@@ -678,6 +720,10 @@ def plot_saliency(
     if title:
         ax.set_title(title, fontsize=9)
     return _finish(fig, save)
+
+
+def _hw(img: np.ndarray | None) -> tuple[int, int] | None:
+    return None if img is None else (int(img.shape[0]), int(img.shape[1]))
 
 
 def _draw_kept(ax: Axes, keep: np.ndarray, image: np.ndarray | None, *, dim: float, color: str) -> None:
@@ -725,7 +771,7 @@ def plot_kept_tokens(
         grid: patch grid ``(rows, cols)``.
         num_prefix_tokens: CLS + register tokens before the patches.
         mask: optional ``BankOutput.mask`` (False entries are not drawn).
-        index: the sample to draw when ``indices`` has a batch axis.
+        index: the sample to draw when ``indices`` (or a ``[B,3,H,W]`` image batch) has a batch axis.
         dim: how much to darken dropped patches, in ``[0, 1]``.
         color: outline colour of kept patches.
         title: axes title (default: ``"kept k of P patches"``).
@@ -743,7 +789,7 @@ def plot_kept_tokens(
     idx = _single(_as_tensor(indices, "indices"), "indices", index)
     m = None if mask is None else _single(_as_tensor(mask, "mask"), "mask", index)
     keep = kept_patch_mask(idx, grid, num_prefix_tokens, m).numpy()
-    img = None if image is None else image_to_array(image)
+    img = _image_at(image, index)
     fig, ax = _new_figure(_panel_size(*keep.shape), ax)
     _draw_kept(ax, keep, img, dim=_check_alpha(dim), color=color)
     ax.set_title(title if title is not None else f"kept {int(keep.sum())} of {keep.size} patches", fontsize=9)
@@ -821,7 +867,8 @@ def plot_selection_frequency(
 
     Args:
         frequency: ``[N]`` from :func:`selection_frequency` / :meth:`SelectionCounter.frequency`.
-        grid: patch grid ``(rows, cols)``; None infers a square grid.
+        grid: patch grid ``(rows, cols)``; None infers it from the image's aspect ratio (a square grid without an
+            image).
         num_prefix_tokens: CLS + register tokens before the patches.
         image: optional background picture.
         alpha: heat map opacity over the image.
@@ -842,8 +889,10 @@ def plot_selection_frequency(
     f = _as_tensor(frequency, "frequency")
     if f.dim() != 1:
         raise ValueError(f"frequency must have shape [N], got {tuple(f.shape)}")
-    heat = patch_grid_scores(f, grid, num_prefix_tokens).cpu().numpy()
     img = None if image is None else image_to_array(image)
+    if grid is None:
+        grid = _resolve_grid(f.shape[-1], None, num_prefix_tokens, "frequency", _hw(img))
+    heat = patch_grid_scores(f, grid, num_prefix_tokens).cpu().numpy()
     fig, ax = _new_figure(_panel_size(*heat.shape, extra_width=1.0), ax)
     im = _heat_over(ax, heat, img, alpha=_check_alpha(alpha), cmap=cmap, vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="kept share")
@@ -912,11 +961,11 @@ def plot_inspection(
     """One figure with the per-layer saliency, the rollout and the kept tokens over the image.
 
     Args:
-        image: the input picture.
+        image: the input picture (a ``[B,3,H,W]`` batch is drawn at ``index``).
         layer_saliency: ``{layer: [N] or [B,N]}`` the query row of each layer (see :func:`query_row_saliency`).
         rollout_saliency: ``[N]`` or ``[B,N]`` the rollout's query row (``BankOutput.saliency``).
         indices: ``[k]`` or ``[B,k]`` kept positions (``BankOutput.indices``).
-        grid: patch grid; None infers a square grid.
+        grid: patch grid; None infers it from the image's aspect ratio (a square grid without an image).
         num_prefix_tokens: CLS + register tokens before the patches.
         mask: optional ``BankOutput.mask``.
         index: the sample to draw.
@@ -936,8 +985,8 @@ def plot_inspection(
     if not isinstance(layer_saliency, Mapping):
         raise TypeError("layer_saliency must be a mapping layer -> saliency")
     roll = _single(_as_tensor(rollout_saliency, "rollout_saliency"), "rollout_saliency", index)
-    rows, cols = _resolve_grid(roll.shape[-1], grid, num_prefix_tokens, "rollout_saliency")
-    img = None if image is None else image_to_array(image)
+    img = _image_at(image, index)
+    rows, cols = _resolve_grid(roll.shape[-1], grid, num_prefix_tokens, "rollout_saliency", _hw(img))
     layers = sorted(layer_saliency)
     fig, axes = _new_grid_figure(len(layers) + 2, _panel_size(rows, cols, base=2.6))
     for ax, layer in zip(axes, layers):

@@ -72,6 +72,19 @@ def test_attach_timm_matches_a_direct_bank_call():
     torch.testing.assert_close(last.embedding, ref.embedding, atol=0, rtol=0)
 
 
+def test_attach_with_capture_layers_reads_named_rollout_layers_at_the_host_depth():
+    # depth 6: ("early", "middle") = layers 0 and 2; capturing 0..2 looks like a whole 3-layer host, where "middle"
+    # would be layer 1, so the handle passes the host depth
+    vit, bank = _vit(), asel.AttentiveBank(asel.MultiLayerRollout(("early", "middle")), ratio=0.4)
+    x = torch.randn(2, 3, 32, 16)
+    with torch.no_grad(), bank.attach(vit, layers=[0, 1, 2]) as handle:
+        vit(x)
+        assert handle.capture.layers == (0, 1, 2)
+        ref = bank(handle.capture.tokens, {i: handle.capture.maps[i] for i in (0, 2)}, query=0)
+    assert torch.equal(bank.last.indices, ref.indices)
+    torch.testing.assert_close(bank.last.embedding, ref.embedding, atol=0, rtol=0)
+
+
 def test_attach_open_clip_both_towers():
     model = _clip()
     image_bank, text_bank = asel.AttentiveBank(ratio=0.5), asel.AttentiveBank(ratio=0.5)
@@ -196,3 +209,68 @@ def test_attach_never_keeps_a_register_token_without_cls():
     with bank.attach(vit, query=5), torch.no_grad():
         vit(torch.randn(2, 3, 32, 32))
     assert not bool((bank.last.indices[bank.last.mask] == 0).any())
+
+
+def test_attach_first_token_text_tower_queries_the_first_token():
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    cfg = transformers.ChineseCLIPConfig(
+        text_config=dict(**small, vocab_size=100, max_position_embeddings=16),
+        vision_config=dict(**small, image_size=16, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.ChineseCLIPModel(cfg).eval()
+    ids = torch.tensor([[90, 5, 97, 7, 91, 0, 0, 0], [90, 11, 12, 13, 14, 97, 16, 91]])  # argmax would pick 97
+    mask = ids != 0
+    bank = asel.AttentiveBank(rollout=asel.MultiLayerRollout(layers=(0, 1)), ratio=0.5)
+    with bank.attach(model, tower="text"), torch.no_grad():
+        model.get_text_features(input_ids=ids, attention_mask=mask.long())
+    last = bank.last
+    cap = capture_attention(model, (0, 1), tower="text")
+    with torch.no_grad():
+        model.get_text_features(input_ids=ids, attention_mask=mask.long())
+        ref = bank(cap.tokens, cap.maps, query=0, valid=mask, exclude=[0], num_layers=cap.num_layers)
+    cap.remove()
+    assert last.k == int(0.5 * 7)  # every token but the [CLS] query is selectable
+    assert torch.equal(last.indices, ref.indices)
+    torch.testing.assert_close(last.embedding, ref.embedding, atol=0, rtol=0)
+    for b in range(2):
+        kept = last.indices[b][last.mask[b]]
+        assert not (kept == 0).any() and mask[b, kept].all()  # neither the query nor padding is kept
+
+
+def test_attach_never_keeps_yolos_detection_tokens():
+    cfg = transformers.YolosConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=[16, 32],
+        patch_size=8,
+        num_detection_tokens=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.YolosModel(cfg).eval()
+    bank = asel.AttentiveBank(rollout=asel.MultiLayerRollout(layers=(0, 1)), ratio=1.0)
+    with bank.attach(model), torch.no_grad():
+        model(torch.randn(2, 3, 16, 32))  # [CLS, 8 patches, 3 detection tokens]
+    out = bank.last
+    assert out.k == 8  # only the 8 patches count
+    kept = out.indices[out.mask]
+    assert bool(((kept >= 1) & (kept <= 8)).all())
+
+
+def test_attach_rejects_groupvit_vision_at_attach_time():
+    cfg = transformers.GroupViTVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        depths=[1, 1],
+        num_hidden_layers=2,
+        num_group_tokens=[4, 0],
+        num_output_groups=[4, 2],
+        image_size=16,
+        patch_size=8,
+    )
+    with pytest.raises(TypeError, match="GroupViT"):
+        asel.AttentiveBank().attach(transformers.GroupViTVisionModel(cfg))

@@ -306,3 +306,23 @@ def test_engine_failure_is_one_line(monkeypatch, capsys):
     assert rc == 1 and err.strip().splitlines() == [
         "attnselect train: error: ValueError: epochs must be positive (run with --debug for the traceback)"
     ]
+
+
+def test_dataloader_worker_failure_shows_the_original_error(monkeypatch, capsys):
+    """An error raised in a DataLoader worker reaches the user as the worker's own last line (e.g. the missing
+    file), not as torch's 'Caught ... in DataLoader worker process 0.' header."""
+    from torch._utils import ExceptionWrapper
+
+    fake = types.ModuleType("attnselect.train")
+
+    def boom(argv):
+        try:
+            open("/no/such/dir/img_0001.jpg")
+        except FileNotFoundError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    fake.train_main = boom
+    monkeypatch.setitem(sys.modules, "attnselect.train", fake)
+    rc, _, err = _run(["train"], capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "/no/such/dir/img_0001.jpg" in err and "DataLoader worker process 0" in err

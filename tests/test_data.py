@@ -98,6 +98,15 @@ def test_read_icfg_and_rstpreid(pedes_root):
         load_pedes("market1501", pedes_root)
 
 
+def test_icfg_underscore_annotation_name_is_accepted(pedes_root):
+    """The dataset's README names the file ICFG_PEDES.json; the published loader expects ICFG-PEDES.json."""
+    folder = pedes_root / "ICFG-PEDES"
+    expected = read_icfg_pedes(pedes_root)
+    (folder / "ICFG-PEDES.json").rename(folder / "ICFG_PEDES.json")
+    got = read_icfg_pedes(pedes_root)
+    assert got.train == expected.train and got.test == expected.test and got.num_classes == expected.num_classes
+
+
 def test_missing_annotation_and_image(pedes_root, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"reid_raw\.json"):
         read_cuhk_pedes(tmp_path / "nowhere")
@@ -129,7 +138,7 @@ def test_path_escaping_root_raises(tmp_path, path, message):
         ({"split": "train", "file_path": "a.png", "id": 1}, "missing key"),
         ({"split": "train", "captions": 5, "file_path": "a.png", "id": 1}, "captions"),
         ({"split": "train", "captions": [], "file_path": "a.png", "id": 1}, "captions"),
-        ({"split": "train", "captions": ["ok", "  "], "file_path": "a.png", "id": 1}, "caption"),
+        ({"split": "train", "captions": ["ok", 7], "file_path": "a.png", "id": 1}, "caption"),
         ({"split": "train", "captions": ["a"], "file_path": "a.png", "id": "abc"}, "'id' must be an integer"),
         ({"split": "train", "captions": ["a"], "file_path": "a.png", "id": 1.5}, "'id' must be an integer"),
         ({"split": 3, "captions": ["a"], "file_path": "a.png", "id": 1}, "'split'"),
@@ -142,6 +151,24 @@ def test_malformed_records_name_their_index(tmp_path, bad, message):
     _write(tmp_path, "CUHK-PEDES", [good, good, bad])
     with pytest.raises(ValueError, match=f"record 2.*{message}"):
         read_cuhk_pedes(tmp_path)
+
+
+def test_blank_captions_are_left_out_with_a_warning(tmp_path, caplog):
+    recs = [
+        {"split": "train", "captions": ["a man", " "], "file_path": "a.png", "id": 1},
+        {"split": "train", "captions": [""], "file_path": "b.png", "id": 2},
+        {"split": "train", "captions": ["a woman"], "file_path": "c.png", "id": 2},
+        {"split": "test", "captions": ["", "a dog"], "file_path": "d.png", "id": 9},
+        {"split": "test", "captions": ["\t"], "file_path": "e.png", "id": 8},
+    ]
+    _write(tmp_path, "CUHK-PEDES", recs)
+    with caplog.at_level("WARNING", logger="attnselect.data.pedes"):
+        data = read_cuhk_pedes(tmp_path)
+    assert [(s.pid, s.image_id, s.caption) for s in data.train] == [(0, 0, "a man"), (1, 1, "a woman")]
+    assert data.num_classes == 2
+    assert data.test["captions"] == ["a dog"] and data.test["caption_pids"] == [9]
+    assert data.test["image_pids"] == [9, 8]  # an image without a caption stays in the gallery
+    assert "4 record(s)" in caplog.text and "[0, 1, 3, 4]" in caplog.text
 
 
 def test_file_level_errors(tmp_path):

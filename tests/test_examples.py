@@ -9,6 +9,7 @@ source declares those flags and no arguments otherwise.
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import socket
 import sys
@@ -127,3 +128,14 @@ def test_example_runs(script, offline, isolated, capsys):
     for name in expected:
         assert (out / name).is_file(), f"{script.name} did not write {name}"
     assert elapsed < TIME_LIMIT_S, f"{script.name} took {elapsed:.0f} s"
+
+
+def test_getting_started_page_runs_as_written(offline, isolated):
+    """The Python blocks of docs/getting_started.md, one after the other, as a reader would paste them."""
+    page = EXAMPLES.parent / "docs" / "getting_started.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 3, "the page lost its code"
+    scope: dict = {"__name__": "getting_started"}
+    exec(compile("\n".join(blocks), str(page), "exec"), scope)
+    assert scope["out"].indices.shape == (2, scope["out"].k)
+    assert (isolated / "saliency.png").is_file() and (isolated / "kept.png").is_file()

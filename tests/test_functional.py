@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnselect import functional as F
+from attnselect.kernels.rollout import discard_count
 
 
 def softmax_maps(b: int, n: int, h: int | None = None, *, seed: int = 0, causal: bool = False) -> torch.Tensor:
@@ -25,7 +25,7 @@ def loop_discard(attn: torch.Tensor, ratio: float, protect: str) -> torch.Tensor
     """Per-sample loop with a stable ascending sort: the lowest flat index goes first among ties."""
     out = attn.clone()
     b, n, _ = attn.shape
-    count = math.floor(ratio * n * n)
+    count = int(attn[0].numel() * ratio)  # the published code: int(flat.size(-1) * discard_ratio)
     for i in range(b):
         flat = out[i].reshape(-1)
         order = sorted(range(n * n), key=lambda j: (flat[j].item(), j))[:count]
@@ -34,6 +34,15 @@ def loop_discard(attn: torch.Tensor, ratio: float, protect: str) -> torch.Tensor
                 continue
             flat[j] = 0
     return out
+
+
+@pytest.mark.parametrize(("n", "ratio", "count"), [(10, 0.47, 47), (50, 0.29, 725), (193, 0.25, 9312)])
+def test_discard_count_is_the_published_arithmetic(n, ratio, count):
+    # int(N*N * ratio), one rounding; (ratio * N) * N rounds twice and gives 46 and 724 for the first two
+    attn = torch.rand(1, n, n, dtype=torch.float64) + 1.0
+    out = F.discard_lowest(attn, ratio, protect="none")
+    assert int((out == 0).sum()) == count
+    assert discard_count(ratio, n) == count  # the kernels' count
 
 
 def naive_rollout(maps, ratios, fusion="mean", protect="entry0"):
@@ -367,3 +376,57 @@ def test_residual_normalize_rejects_negative_and_nan():
 def test_masked_max_pool_keeps_minus_inf():
     out = F.masked_max_pool(torch.tensor([[[float("-inf")], [5.0]]]), torch.tensor([[True, False]]))
     assert out.item() == float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------------- gradients / fp64
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("query", [None, 1])
+def test_rollout_gradients_for_every_fusion(fusion, query):
+    """Gradients reach per-head maps whatever the fusion (max/min keep their outputs for backward)."""
+    maps = [softmax_maps(1, 5, 2, seed=s).double().requires_grad_(True) for s in range(2)]
+
+    def chain(*a):
+        return F.rollout(list(a), discard_ratio=0.25, head_fusion=fusion, query=query)
+
+    assert torch.autograd.gradcheck(chain, tuple(maps), eps=1e-6, atol=1e-5)
+
+
+def test_float64_inputs_keep_float64():
+    """fp64 maps are computed in fp64: they match a float64 oracle, and values closer than fp32 can tell stay apart."""
+    maps = [softmax_maps(2, 7, 3, seed=s).double() for s in range(2)]
+    out = F.rollout(maps, discard_ratio=0.25)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, naive_rollout(maps, [0.25, 0.25]), rtol=1e-12, atol=1e-12)
+    assert F.fuse_heads(maps[0]).dtype == torch.float64
+    torch.testing.assert_close(F.fuse_heads(maps[0]), maps[0].mean(1), rtol=1e-15, atol=1e-15)
+    assert F.layer_statistic(maps, "mean", 0).dtype == torch.float64
+    # 0.5 + 1e-12 is above 0.5 in fp64 but equal to it in fp32: the smaller value (flat index 1) must go, not index 0
+    a = torch.tensor([[[0.5 + 1e-12, 0.5], [0.9, 0.8]]], dtype=torch.float64)
+    expected = torch.tensor([[[0.5 + 1e-12, 0.0], [0.9, 0.8]]], dtype=torch.float64)
+    assert torch.equal(F.discard_lowest(a, 0.25, protect="none"), expected)
+
+
+def test_numpy_scalars_are_accepted():
+    """Ratios, k and query rows read from numpy (configs, index arrays) work like Python numbers."""
+    maps = [softmax_maps(2, 6, seed=s) for s in range(2)]
+    torch.testing.assert_close(
+        F.rollout(maps, discard_ratio=np.float32(0.25), query=np.int64(2)), F.rollout(maps, discard_ratio=0.25, query=2)
+    )
+    scores = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]])
+    assert F.select_topk(scores, np.int64(2))[0].tolist() == [[1, 2], [0, 2]]
+
+
+def test_masked_max_pool_rejects_bool_tokens():
+    with pytest.raises(TypeError, match="tokens"):
+        F.masked_max_pool(torch.ones(1, 2, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_residual_normalize_low_precision_is_one_rounding_from_fp32(dtype):
+    """fp16/bf16 maps are normalised in fp32 and rounded once: rows sum to 1 within the output's rounding."""
+    a = softmax_maps(2, 193, seed=3).to(dtype)
+    out = F.residual_normalize(a)
+    assert out.dtype == dtype
+    exact = F.residual_normalize(a.float())
+    info = torch.finfo(dtype)  # half an ulp relative; fp16 subnormals (below tiny) have coarser absolute steps
+    torch.testing.assert_close(out.float(), exact, rtol=info.eps / 2, atol=info.tiny)

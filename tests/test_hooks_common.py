@@ -285,3 +285,9 @@ def test_query_rows_callable_and_negative_index():
     torch.testing.assert_close(picked.maps[2][:, 0], torch.stack([full.maps[2][0, 0], full.maps[2][1, -1]]))
     full.remove()
     picked.remove()
+
+
+@pytest.mark.parametrize("layers", [None, 1.5, object()])
+def test_bad_layers_type_names_the_argument(layers):
+    with pytest.raises(TypeError, match="layers"):
+        capture_attention(_vit(depth=2), layers)

@@ -212,3 +212,24 @@ def test_full_size_vit_b16_384x128():
     torch.testing.assert_close(cap.maps[4].sum(-1), torch.ones(1, 12, 193), atol=1e-5, rtol=0)
     cap.remove()
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.parametrize("pool_type", ["first", "last"])
+def test_text_tower_pooling_first_or_last_marks_padding_not_the_summary_bound(pool_type):
+    # bidirectional text tower with a padding mask: the summary is the first/last position and every non-pad
+    # token is valid (not only the tokens up to the summary position)
+    torch.manual_seed(0)
+    text = {**TEXT, "layers": 1, "width": 32, "heads": 2, "no_causal_mask": True, "pool_type": pool_type, "pad_id": 0}
+    # CustomTextCLIP: its TextTransformer masks padding keys (the inline tower of CLIP does not)
+    model = open_clip.CustomTextCLIP(embed_dim=16, vision_cfg={**VISION, "layers": 1, "width": 32}, text_cfg=text)
+    model.text.use_pad_mask = True  # a [B*heads, L, L] additive padding mask (not settable through the config)
+    cap = capture_attention(model.eval(), -1, tower="text", head_fusion=None)
+    with torch.no_grad():
+        feats = model.encode_text(IDS)
+    summary = torch.full((2,), 0 if pool_type == "first" else IDS.shape[1] - 1)
+    assert torch.equal(cap.eos_index, summary)
+    expected = (IDS != 0) | (torch.arange(IDS.shape[1]) == summary[:, None])
+    assert torch.equal(cap.valid, expected)
+    torch.testing.assert_close(cap.tokens[torch.arange(2), summary], feats, atol=1e-6, rtol=0)
+    assert float(cap.maps[0][0, :, :, 7:].abs().max()) == 0.0  # padded keys get no attention
+    cap.remove()

@@ -96,3 +96,29 @@ def test_timm_attention_mask_sdpa_semantics():
     with torch.no_grad():
         assert torch.equal(fused_causal, attn(x, is_causal=True))
     cap.remove()
+
+
+def test_model_specific_timm_attention_is_rejected_at_capture():
+    # timm.models.beit.Attention is not timm.layers.Attention: it adds a relative position bias inside the module
+    from timm.models.beit import Beit
+
+    torch.manual_seed(0)
+    model = Beit(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0).eval()
+    with pytest.raises(TypeError, match=r"timm\.models\.beit\.Attention"):
+        capture_attention(model, -1)
+    # the stack is still found, so the error names the layer and the unsupported type rather than "no attention"
+    with pytest.raises(TypeError, match="layer 1"):
+        capture_attention(model, -1)
+
+
+def test_distilled_and_no_embed_class_layouts():
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    deit = VisionTransformerDistilled(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    x = torch.randn(1, 3, 16, 16)  # batch of one
+    cap = capture_attention(deit.eval(), "all", head_fusion=None)
+    with torch.no_grad():
+        deit.forward_features(x)
+    assert (cap.num_prefix_tokens, cap.cls_index, cap.maps[0].shape) == (2, 0, (1, 2, 6, 6))
+    cap.remove()

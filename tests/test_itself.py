@@ -249,3 +249,87 @@ def test_pretrained_errors(tmp_path):
     torch.save({"visual.conv1.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(ValueError, match="shapes"):
         ITSELF(tiny_config(pretrained=str(bad)))
+
+
+# ------------------------------------------------------------------------------------------ published behaviour
+def published_rollout(maps: dict[int, torch.Tensor], layers=(4, 11), discard=0.25) -> torch.Tensor:
+    """MARS as the published code computes it: global discard of the smallest entries except flat index 0."""
+    batch, n, _ = next(iter(maps.values())).shape
+    result = torch.eye(n).expand(batch, n, n)
+    for layer in layers:
+        flat = maps[layer].reshape(batch, -1).clone()
+        idx = flat.topk(int(n * n * discard), dim=-1, largest=False).indices
+        for b in range(batch):
+            keep = idx[b][idx[b] != 0]
+            flat[b, keep] = 0
+        a = (flat.view(batch, n, n) + torch.eye(n)) / 2
+        result = torch.bmm(a / a.sum(dim=-1, keepdim=True), result)
+    return result
+
+
+def test_training_selection_matches_published_mars_and_ats():
+    """12 layers: training ranks tokens by the rollout of layers 4 and 11 (CLS row / EOS row) with the ATS k."""
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        vision_cfg={"layers": 12, "width": 16, "head_width": 8, "patch_size": 8, "mlp_ratio": 1.0},
+        text_cfg={"vocab_size": 49408, "width": 16, "heads": 2, "layers": 12, "mlp_ratio": 1.0},
+        embed_dim=16,
+        local_dim=16,
+        adapter_hidden=8,
+    )
+    m = ITSELF(cfg)
+    m.train()
+    m.ats.step()
+    ids = make_ids([2, 4, 6, 9])
+    with torch.no_grad():
+        m.encode_image(torch.randn(4, 3, 32, 16))
+        m.encode_text(ids)
+    for tower, n_sel in (("image", 8), ("text", 10)):
+        out, cap = m.last_banks[tower], m._captures[tower]
+        assert sorted(cap.maps) == [4, 11]
+        rollout = published_rollout(cap.maps)
+        if tower == "image":
+            rows = rollout[:, 0].clone()
+            rows[:, 0] = -1
+        else:
+            eos = ids.argmax(dim=1)
+            rows = rollout[torch.arange(4), eos].clone()
+            rows[torch.arange(4), eos] = -1
+            rows[:, 0] = -1
+            rows = rows * (ids != 0)
+        torch.testing.assert_close(out.saliency, rollout[:, 0] if tower == "image" else rollout[torch.arange(4), eos])
+        k = int(n_sel * 0.65)  # ATS at t = 1
+        assert out.k == k
+        for b in range(4):
+            n_valid = n_sel if tower == "image" else int((ids[b] != 0).sum()) - 2
+            expected = rows[b].topk(k).indices[: min(n_valid, k)]
+            assert sorted(out.indices[b][out.mask[b]].tolist()) == sorted(expected.tolist())
+
+
+def test_similarity_is_fp32_under_autocast(model):
+    """Fused scores are ranked at full precision even when called inside an autocast region."""
+    g = torch.Generator().manual_seed(2)
+    img = (torch.randn(6, 32, generator=g), torch.randn(6, 48, generator=g))
+    txt = (torch.randn(4, 32, generator=g), torch.randn(4, 48, generator=g))
+    expected = model.similarity(img, txt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.similarity(img, txt)
+        got_global = model.similarity(img[0], txt[0])
+    assert got.dtype == torch.float32 and got_global.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_caption_without_words_and_bad_pids(model):
+    model.eval()
+    ids = make_ids([0, 3])  # sample 0 is [SOS, EOS]
+    with pytest.raises(ValueError, match=r"caption\(s\) \[0\] have no word token"):
+        model.encode_text(ids)
+    model.train()
+    with pytest.raises(TypeError, match="pids must hold integer"):
+        model(torch.randn(2, 3, 32, 16), make_ids([2, 3]), torch.tensor([0.0, 1.0]))
+    model.eval()
+
+
+def test_config_rejects_non_positive_tau():
+    with pytest.raises(ValueError, match="tau"):
+        tiny_config(tau=0.0)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,6 +81,19 @@ def test_rollout_discards_the_same_entries(device: str, ratio: float, protect: s
     out = K.rollout([a], discard_ratio=ratio, protect=protect)
     assert torch.equal(out == 0, ref == 0)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.kernels
+def test_rollout_published_discard_count_and_numpy_query(device: str) -> None:
+    # int(N*N * 0.47) = 47 at N = 10, where (0.47 * N) * N rounds to 46: kernel and reference zero the same entries
+    a = _softmax_maps(2, 1, 10, layers=1, seed=5)[0][:, 0].to(device)
+    ref = F.rollout([a], discard_ratio=0.47, protect="none")
+    out = K.rollout([a], discard_ratio=0.47, protect="none")
+    assert int((F.discard_lowest(a, 0.47, protect="none") == 0).sum()) == 2 * 47
+    assert torch.equal(out == 0, ref == 0)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    row = K.rollout([a], discard_ratio=0.47, query=np.int64(3))  # a numpy integer is a row index like an int
+    torch.testing.assert_close(row, K.rollout([a], discard_ratio=0.47, query=3), rtol=0, atol=0)
 
 
 @pytest.mark.kernels

@@ -41,9 +41,9 @@ def _gen(seed: int) -> torch.Generator:
 def _ratio_for(count: int, n: int) -> float:
     """A discard ratio whose ``floor(ratio * N * N)`` (the reference's arithmetic) is exactly ``count``."""
     ratio = count / (n * n)
-    while math.floor(ratio * n * n) < count:
+    while math.floor(n * n * ratio) < count:
         ratio = math.nextafter(ratio, 2.0)
-    assert math.floor(ratio * n * n) == count and ratio <= 1.0
+    assert math.floor(n * n * ratio) == count and ratio <= 1.0
     return ratio
 
 

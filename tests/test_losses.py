@@ -382,3 +382,10 @@ def test_gather_gradients_two_ranks(tmp_path):
     # DDP's averaging over 2 ranks then gives exactly the full-batch gradient
     torch.testing.assert_close(torch.cat([r0["gv"], r1["gv"]]), 2 * v.grad)
     torch.testing.assert_close(torch.cat([r0["gt"], r1["gt"]]), 2 * t.grad)
+
+
+def test_id_loss_accepts_int32_labels():
+    # int32 labels pass the integer check; cross_entropy itself only takes int64 targets
+    li, lt = torch.randn(4, 5), torch.randn(4, 5)
+    y = torch.tensor([0, 4, 1, 1])
+    torch.testing.assert_close(id_loss(li, lt, y.int()), id_loss(li, lt, y))

@@ -127,3 +127,17 @@ def test_validation():
         retrieval_metrics(sim, torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), ks=(0,))
     with pytest.raises(ValueError, match="missing"):
         retrieval_metrics(sim, torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), missing="x")
+
+
+def test_nan_scores_and_duplicate_ks_raise():
+    # a NaN would be sorted first and silently counted as a rank (an all-NaN matrix gave R@5 = 100)
+    sim = torch.rand(3, 12)
+    sim[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"similarity holds 1 NaN"):
+        retrieval_metrics(sim, torch.tensor([0, 1, 2]), torch.arange(12))
+    with pytest.raises(ValueError, match="distinct"):
+        retrieval_metrics(torch.rand(3, 12), torch.tensor([0, 1, 2]), torch.arange(12), ks=(1, 5, 5))
+    # -inf is a legitimate score (a masked pair): ranked last
+    sim = torch.tensor([[float("-inf"), 0.2, 0.1]])
+    out = retrieval_metrics(sim, torch.tensor([0]), torch.tensor([0, 1, 2]), ks=(1, 3))
+    assert out["R1"] == 0.0 and out["R3"] == 100.0 and out["mAP"] == pytest.approx(100 / 3)

@@ -6,6 +6,7 @@ import itertools
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -327,3 +328,78 @@ def test_bank_text_default_excludes_sos_and_eos():
     assert out.k == 30  # int(75 * 0.4): the published text count
     kept = out.indices[out.mask]
     assert not bool((kept == 0).any()) and int(out.mask[0].sum()) == 19  # words 1..19 of the short caption
+
+
+# ---------------------------------------------------------------------------------------------------- adversarial
+def test_named_layers_against_an_exact_capture_that_looks_like_a_full_one():
+    """A capture of exactly layers {0, 1} of a deeper host must not be read as a 2-layer host (middle would be 0)."""
+    maps = maps_for(2, 5, 3, seed=5)  # a 3-layer host: early = 0, middle = 1
+    mars = asel.MultiLayerRollout(layers=("early", "middle"))
+    expected = F.rollout([maps[0], maps[1]])
+    torch.testing.assert_close(mars({0: maps[0], 1: maps[1]}, num_layers=3), expected)
+    with pytest.raises(ValueError, match="num_layers"):
+        mars({0: maps[0], 1: maps[1]})
+    # unambiguous cases keep working without the depth
+    torch.testing.assert_close(asel.MultiLayerRollout()({0: maps[0], 1: maps[1]}), expected)  # 2-layer host: (0, 1)
+    torch.testing.assert_close(mars({0: maps[0], 2: maps[2]}), F.rollout([maps[0], maps[2]]))
+
+
+def test_rollout_module_numbers_from_numpy_and_bad_ratio_type():
+    maps = maps_for(2, 6, 12, seed=6)
+    mars = asel.MultiLayerRollout(discard_ratio=np.float32(0.25))
+    torch.testing.assert_close(mars(maps, query=np.int64(3)), asel.MultiLayerRollout()(maps, query=3))
+    with pytest.raises(TypeError, match="discard_ratio"):
+        asel.MultiLayerRollout(discard_ratio=None)
+
+
+def test_ats_integer_like_steps_and_argument_checks():
+    ats = asel.AdaptiveTokenScheduler()
+    assert ats.num_tokens(np.int64(192), step=np.int64(725)) == 109
+    assert ats.num_tokens(192, step=torch.tensor(1450)) == 96
+    with pytest.raises(TypeError, match="step"):
+        ats.num_tokens(192, step=1.5)
+    with pytest.raises(ValueError, match="step"):
+        ats.num_tokens(192, step=-1)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        asel.AdaptiveTokenScheduler(steps_per_epoch=0)
+
+
+def test_ats_resume_from_a_saved_checkpoint(tmp_path):
+    """Resuming through torch.save / torch.load (weights_only) continues the schedule at the boundaries."""
+    ats = asel.AdaptiveTokenScheduler(total_steps=4)
+    assert ats.num_tokens(192) == ats.num_tokens(192, step=1) == int(192 * 0.65 * (0.5 / 0.65) ** 0.25)  # t=0 -> 1
+    for _ in range(3):
+        ats.step()
+    torch.save(ats.state_dict(), tmp_path / "ats.pt")
+    resumed = asel.AdaptiveTokenScheduler(total_steps=4)
+    resumed.load_state_dict(torch.load(tmp_path / "ats.pt", weights_only=True))
+    ks = []
+    for _ in range(3):
+        resumed.step()
+        ks.append(resumed.num_tokens(192))
+    assert resumed.current_step == 6 and ks == [96, 96, 96]  # t = 4 = T, then beyond T
+    assert ats.num_tokens(192) == int(192 * 0.65 * (0.5 / 0.65) ** 0.75)
+    with pytest.raises(ValueError, match="step"):
+        resumed.load_state_dict({"_extra_state": {"step": -3}})
+
+
+def test_gpo_argument_checks_and_empty_batch():
+    with pytest.raises(ValueError, match="temperature"):
+        asel.GPOPool(temperature=0.0)
+    with pytest.raises(ValueError, match="d_hidden"):
+        asel.GPOPool(d_hidden=0)
+    out = asel.GPOPool(d_pe=4, d_hidden=4)(torch.randn(0, 3, 5), torch.ones(0, 3, dtype=torch.bool))
+    assert out.shape == (0, 5)
+
+
+def test_bank_errors_name_the_right_argument():
+    bank = asel.AttentiveBank(rollout=asel.MultiLayerRollout(layers=(0,)))
+    maps = maps_for(2, 6, 1, seed=7)
+    with pytest.raises(ValueError, match="exclude"):  # sample 0 excludes everything
+        bank(torch.randn(2, 6, 4), maps, exclude=torch.tensor([[True] * 6, [False] * 6]))
+    only_cls = torch.zeros(2, 6, dtype=torch.bool)
+    only_cls[:, 0] = True  # the only valid token is the query, which is excluded
+    with pytest.raises(ValueError, match=r"exclude .* and valid"):
+        bank(torch.randn(2, 6, 4), maps, valid=only_cls)
+    with pytest.raises(ValueError, match="tokens"):  # tokens on another device than the maps
+        bank(torch.randn(2, 6, 4, device="meta"), maps)

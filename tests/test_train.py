@@ -228,3 +228,46 @@ def test_eval_flags_and_best_checkpoint_resume(tmp_path, data_root, capsys):
     assert best.is_dir()
     with pytest.raises(ValueError, match="optimiser"):
         train(_config(tmp_path / "again", data_root, epochs=2, resume=str(best)))
+
+
+@pytest.mark.slow
+def test_resume_after_mid_epoch_stop_equals_uninterrupted(tmp_path, data_root):
+    """A run stopped by its time budget inside an epoch resumes at the next batch of that epoch, not the next epoch."""
+    kw = dict(epochs=2, max_steps_per_epoch=2, augment=True, text_augment=True)
+    train(_config(tmp_path / "full", data_root, **kw))
+    # a budget that is spent before the first step ends: the run stops after one step of the first epoch
+    part = train(_config(tmp_path / "part", data_root, time_budget_s=1e-9, **kw))
+    assert part["steps"] == 1
+    state = torch.load(tmp_path / "part" / "checkpoints" / "last" / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["ats_step"]) == (0, 1, 1)
+    assert state["lr_scheduler"]["last_epoch"] == 0  # the unfinished epoch did not advance the LR schedule
+    resumed = train(_config(tmp_path / "part", data_root, resume="auto", **kw))
+    assert resumed["steps"] == 4
+    a = load_model(tmp_path / "full" / "checkpoints" / "last")
+    b = load_model(tmp_path / "part" / "checkpoints" / "last")
+    assert a.ats.current_step == b.ats.current_step == 4
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def test_missing_images_fail_early_with_the_path(tmp_path):
+    """A real-layout dataset whose images are not where the annotations say fails before the model is built."""
+    folder = tmp_path / "data" / "RSTPReid"
+    folder.mkdir(parents=True)
+    records = [
+        {"id": i // 2, "img_path": f"{i}.jpg", "captions": ["a man in red", "a man"], "split": "train"}
+        for i in range(8)
+    ]
+    (folder / "data_captions.json").write_text(json.dumps(records))
+    cfg = tiny_config(tmp_path / "run", dataset="rstp", root=str(tmp_path / "data"), num_workers=2, batch_size=4)
+    with pytest.raises(FileNotFoundError, match=r"imgs/0\.jpg"):
+        train(cfg)
+
+
+def test_eval_resume_auto_without_checkpoint_says_so(tmp_path):
+    from attnselect.train import eval_main
+
+    with pytest.raises(FileNotFoundError, match="checkpoints/last"):
+        eval_main(["--resume", "auto", "--out", str(tmp_path / "none"), "--device", "cpu"])

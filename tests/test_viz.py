@@ -308,3 +308,43 @@ def test_plot_into_existing_axes():
     assert viz.plot_saliency(None, torch.rand(10), grid=(3, 3), ax=ax1, colorbar=False) is fig
     assert viz.plot_kept_tokens(None, torch.tensor([1, 2]), grid=(3, 3), ax=ax2) is fig
     assert len(fig.axes) == 2
+
+
+def test_non_square_grid_from_the_image_and_numpy_grids():
+    """A person crop (24 x 8 patches) is laid out from the image's aspect ratio when grid is not given; grids given
+    as numpy or torch integers work; without an image a non-square count asks for grid=."""
+    image = torch.rand(3, 384, 128)
+    s = torch.rand(2, 1 + 192)
+    inferred = _pixels(viz.plot_saliency(image, s, index=1))
+    explicit = _pixels(viz.plot_saliency(image, s, grid=(24, 8), index=1))
+    assert np.array_equal(inferred, explicit)
+    freq = torch.rand(193)
+    assert np.array_equal(
+        _pixels(viz.plot_selection_frequency(freq, image=image)),
+        _pixels(viz.plot_selection_frequency(freq, grid=(24, 8), image=image)),
+    )
+    idx = torch.topk(s, 76).indices
+    inspected = viz.plot_inspection(image, {4: s, 11: s}, s, idx, index=1)
+    assert len(inspected.axes) >= 4
+    np_grid = _pixels(viz.plot_kept_tokens(image, idx, grid=tuple(np.array([24, 8])), index=1))
+    assert np.array_equal(np_grid, _pixels(viz.plot_kept_tokens(image, idx, grid=(24, 8), index=1)))
+    assert viz.patch_grid_scores(s, grid=torch.tensor([24, 8])).shape == (2, 24, 8)
+    with pytest.raises(ValueError, match=r"grid=\(rows, cols\)"):
+        viz.plot_saliency(None, s)
+    with pytest.raises(ValueError, match="grid must be a pair"):
+        viz.patch_grid_scores(s, grid=(24.0, 8))
+
+
+def test_batched_image_follows_index():
+    """A [B,3,H,W] batch is drawn at the same index as the batched scores."""
+    images = torch.zeros(2, 3, 48, 32)
+    images[1] = 1.0
+    s = torch.rand(2, 1 + 6)
+    idx = torch.tensor([[1, 2, 3], [2, 4, 6]])
+    for i in (0, 1):
+        a = _pixels(viz.plot_saliency(images, s, grid=(3, 2), index=i))
+        assert np.array_equal(a, _pixels(viz.plot_saliency(images[i], s, grid=(3, 2), index=i)))
+        b = _pixels(viz.plot_kept_tokens(images, idx, grid=(3, 2), index=i))
+        assert np.array_equal(b, _pixels(viz.plot_kept_tokens(images[i], idx, grid=(3, 2), index=i)))
+    with pytest.raises(ValueError, match="index 2"):
+        viz.plot_kept_tokens(torch.zeros(3, 3, 48, 32), idx, grid=(3, 2), index=2)

@@ -114,11 +114,16 @@ _ALIASES = {
 }
 
 
-def _dataset_dir(root: str | os.PathLike, folder: str, anno: str) -> Path:
+# other names an annotation file goes by (the ICFG-PEDES README spells it with an underscore)
+_ANNOTATION_ALIASES = {"ICFG-PEDES.json": ("ICFG_PEDES.json",)}
+
+
+def _dataset_dir(root: str | os.PathLike, folder: str, anno: str) -> tuple[Path, str]:
     root = Path(root).expanduser()
-    for candidate in (root / folder, root):
-        if (candidate / anno).is_file():
-            return candidate
+    for name in (anno, *_ANNOTATION_ALIASES.get(anno, ())):
+        for candidate in (root / folder, root):
+            if (candidate / name).is_file():
+                return candidate, name
     raise FileNotFoundError(
         f"annotation file {anno!r} not found under {root / folder} or {root}; expected the layout "
         f"<root>/{folder}/{anno} with images under <root>/{folder}/imgs/ (see docs/data.md)"
@@ -161,14 +166,14 @@ def _parse_record(rec: Any, index: int, path_key: str) -> tuple[str, int, list[s
     if not isinstance(caps, list) or not caps:
         raise ValueError(f"record {index}: 'captions' must be a non-empty list of strings, got {caps!r}")
     for c in caps:
-        if not isinstance(c, str) or not c.strip():
-            raise ValueError(f"record {index}: every caption must be a non-empty string, got {c!r}")
+        if not isinstance(c, str):
+            raise ValueError(f"record {index}: every caption must be a string, got {c!r}")
     return split, pid, caps, rec[path_key]
 
 
 def _read(name: str, root: str | os.PathLike, check_files: bool) -> PedesData:
     folder, anno, path_key, offset = DATASETS[name]
-    ddir = _dataset_dir(root, folder, anno)
+    ddir, anno = _dataset_dir(root, folder, anno)
     img_root = ddir / "imgs"
     with open(ddir / anno, encoding="utf-8") as fh:
         try:
@@ -181,8 +186,12 @@ def _read(name: str, root: str | os.PathLike, check_files: bool) -> PedesData:
     data = PedesData(name=name, root=ddir)
     image_id = 0
     train_pids: set[int] = set()
+    blank: list[int] = []  # records with captions that hold no text: those captions are left out
     for index, rec in enumerate(records):
         split, pid, caps, rel = _parse_record(rec, index, path_key)
+        if not all(c.strip() for c in caps):
+            blank.append(index)
+            caps = [c for c in caps if c.strip()]
         img_path = _resolve_image(img_root, rel, index, path_key, check_files)
         if split == "train":
             pid -= offset
@@ -193,13 +202,20 @@ def _read(name: str, root: str | os.PathLike, check_files: bool) -> PedesData:
                 )
             train_pids.add(pid)
             data.train.extend(TrainSample(pid, image_id, img_path, c) for c in caps)
-            image_id += 1
+            image_id += bool(caps)
         else:
             target = data.test if split == "test" else data.val
             target["image_pids"].append(pid)
             target["img_paths"].append(img_path)
             target["caption_pids"].extend([pid] * len(caps))
             target["captions"].extend(caps)
+    if blank:
+        logger.warning(
+            "%s: left out the empty or blank captions of %d record(s) (e.g. records %s); their images stay",
+            ddir / anno,
+            len(blank),
+            blank[:5],
+        )
     if train_pids:
         expected = set(range(len(train_pids)))
         if train_pids != expected:
@@ -242,6 +258,9 @@ def read_cuhk_pedes(root: str | os.PathLike, *, check_files: bool = False) -> Pe
 
 def read_icfg_pedes(root: str | os.PathLike, *, check_files: bool = False) -> PedesData:
     """ICFG-PEDES: ``ICFG-PEDES/ICFG-PEDES.json`` (keys split, captions, file_path, id 0-based), ``imgs/``.
+
+    The file is also found as ``ICFG_PEDES.json`` (the name the dataset's README uses) when ``ICFG-PEDES.json``
+    is absent.
 
     Args:
         root: the data root (holding ``ICFG-PEDES/``) or the dataset folder itself.

@@ -118,7 +118,24 @@ def unsupported_reason(module: nn.Module) -> str | None:
         )
     if any(w in lname for w in _ROPE_WORDS) or name == "EvaAttention":
         return f"{name} applies rotary position embeddings to q and k inside the module; recomputed maps would be wrong"
-    for prefix, qual in (("timm.", "Attention"), ("open_clip.", "Attention")):
+    mod = type(module).__module__
+    if name == "Attention" and mod.startswith("timm.") and not mod.startswith("timm.layers"):
+        return (
+            f"{mod}.{name} is a model-specific timm attention, not timm.layers.Attention (it may add relative "
+            "position biases, windows or other terms), so it is not captured"
+        )
+    rel = getattr(module, "relative_position_bias", None)
+    attention = any(hasattr(module, a) for a in ("q_proj", "query", "qkv"))
+    if getattr(module, "relative_position_bias_table", None) is not None or (
+        # a relative-bias module inside the attention itself; reproduced only for BEiT/data2vec-style
+        # self-attention (`has_relative_position_bias`). A bias computed outside and passed as the mask is fine.
+        attention and isinstance(rel, nn.Module) and not hasattr(module, "has_relative_position_bias")
+    ):
+        return (
+            f"{name} adds a learned relative position bias inside the module (Swin-style window attention); "
+            "recomputed maps would be wrong, so it is not captured"
+        )
+    for prefix, qual in (("timm.layers.", "Attention"), ("open_clip.", "Attention")):
         if _overrides_forward(module, prefix, qual):
             return (
                 f"{name} subclasses {prefix.rstrip('.')} {qual} but overrides forward(); its attention may differ "
@@ -236,10 +253,15 @@ class TowerSpec:
             module's output (and the auxiliary state).
         eos_index: ``ids [B,N] -> LongTensor [B]``: the text summary position per sample, or None.
         num_prefix_tokens: tokens before the patch grid (CLS + registers).
+        num_suffix_tokens: tokens after the patch grid (YOLOS detection tokens); never selected by ``attach``.
         cls_index: position of the class token, or None.
         sos_index: position of the text start token, or None.
         patch_size: ``(ph, pw)`` for images.
         aux_hooks: extra forward hooks ``(module, fn(capture, output))`` that stash state for ``read_tokens``.
+        valid_through_eos: text towers: the valid tokens end at the summary position (causal CLIP towers). False
+            for towers pooled at the first/last position (BERT-style ``[CLS]`` towers, open_clip
+            ``pool_type="first"|"last"``), where every non-padding token is valid.
+        pad_id: the padding token id, used for ``valid`` when ``valid_through_eos`` is False.
 
     Examples:
         >>> from torch import nn
@@ -259,10 +281,13 @@ class TowerSpec:
     read_tokens: Callable[[Any, Any], Tensor | None]
     eos_index: Callable[[Tensor], Tensor] | None = None
     num_prefix_tokens: int = 0
+    num_suffix_tokens: int = 0
     cls_index: int | None = None
     sos_index: int | None = None
     patch_size: tuple[int, int] | None = None
     aux_hooks: Sequence[tuple[nn.Module, Callable[[Any, Any], None]]] = field(default_factory=tuple)
+    valid_through_eos: bool = True
+    pad_id: int | None = None
 
     @property
     def modality(self) -> str:

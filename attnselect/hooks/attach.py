@@ -3,8 +3,9 @@
 ``bank.attach(model)`` captures the bank rollout's layers and, when the tower's forward ends (``model(x)``,
 open_clip ``encode_image``/``encode_text``, HF ``get_image_features``/``get_text_features``: the trigger is a hook on
 the tower itself, so every entry point works), stores ``bank(tokens, maps, ...)`` in ``bank.last``. Query row: CLS
-for images, the per-sample EOS for text; excluded: the query token, the register tokens of an image tower, and the
-start token for text; valid: not padding.
+for images, the per-sample summary position for text (EOS for causal CLIP towers, the first token for BERT-style
+towers); excluded: the query token, the register and detection (YOLOS) tokens of an image tower, and the start token
+for text; valid: not padding.
 """
 
 from __future__ import annotations
@@ -52,8 +53,20 @@ class AttachHandle:
         self.tower = capture.tower
         self._model_ref = weakref.ref(model)
         self._query = query
-        self._num_layers = None if layers_given else capture.num_layers
+        self._num_layers = capture.num_layers if not layers_given or self._rollout_in(capture) else None
         capture.add_callback(self._on_forward)
+
+    def _rollout_in(self, capture: AttentionCapture) -> bool:
+        """Whether the bank's rollout layers, resolved against the host depth, are all among the captured layers
+        (then they are read at those layers; otherwise the captured maps are used as the rollout's layers)."""
+        rollout = getattr(self.bank, "rollout", None)
+        if rollout is None or not hasattr(rollout, "resolve_layers"):
+            return False
+        try:
+            wanted = rollout.resolve_layers(capture.num_layers)
+        except ValueError:  # e.g. an index beyond this host's depth
+            return False
+        return set(wanted) <= set(capture.layers)
 
     @property
     def active(self) -> bool:
@@ -86,12 +99,18 @@ class AttachHandle:
             if capture.sos_index is not None:
                 rows = torch.cat([torch.full_like(rows, capture.sos_index), rows], dim=1)
             exclude = rows
-        elif (capture.num_prefix_tokens or 0) > (0 if capture.cls_index is None else 1):
-            # register tokens (DINOv2-with-registers, timm reg_tokens) are never kept, like the CLS token
-            batch, device = capture.tokens.shape[0], capture.tokens.device
-            prefix = torch.arange(capture.num_prefix_tokens, device=device).expand(batch, -1)
+        elif (capture.num_prefix_tokens or 0) > (0 if capture.cls_index is None else 1) or (
+            capture.num_suffix_tokens or 0
+        ) > 0:
+            # register tokens (DINOv2-with-registers, timm reg_tokens) and tokens after the patch grid (YOLOS
+            # detection tokens) are never kept, like the CLS token
+            batch, n_tok, _ = capture.tokens.shape
+            device = capture.tokens.device
+            prefix = torch.arange(capture.num_prefix_tokens, device=device)
+            suffix = torch.arange(n_tok - capture.num_suffix_tokens, n_tok, device=device)
+            fixed = torch.cat([prefix, suffix]).expand(batch, -1)
             rows = torch.as_tensor(query, dtype=torch.long, device=device).reshape(-1, 1).expand(batch, 1)
-            exclude = torch.cat([prefix, rows], dim=1)
+            exclude = torch.cat([fixed, rows], dim=1)
         self.bank.last = self.bank(
             capture.tokens,
             capture.maps,
@@ -143,8 +162,8 @@ def attach_bank(
         bank: an :class:`attnselect.AttentiveBank` (or any module with the same ``forward`` signature).
         model: the host (HF transformers, open_clip, timm; see :func:`attnselect.hooks.capture_attention`).
         layers: layers to capture; None takes ``bank.rollout.layers`` (resolved against the host depth).
-        query: the summary row: None for CLS (images) / per-sample EOS (text), an int, a LongTensor ``[B]`` or a
-            callable ``capture -> int | LongTensor``.
+        query: the summary row: None for CLS (images) / the per-sample summary position (text), an int, a
+            LongTensor ``[B]`` or a callable ``capture -> int | LongTensor``.
         tower: ``"vision"`` (default) or ``"text"`` for dual encoders.
 
     Returns:

@@ -195,12 +195,15 @@ class AttentionCapture:
         tokens: final token features ``[B,N,D]`` (projected tokens for CLIP towers: ``ln_post``/``ln_final`` then the
             projection on every token; the last hidden state after the final norm for ViT, DINOv2, SigLIP, timm),
             or None when the host's layout is unknown. Not detached: gradients reach the host through them.
-        eos_index: text towers: LongTensor ``[B]`` of the per-sample summary (EOS) position, else None.
-        valid: text towers: bool ``[B,N]``, True up to and including EOS and where the padding mask allows; else None.
+        eos_index: text towers: LongTensor ``[B]`` of the per-sample summary position (EOS for causal CLIP towers,
+            0 for BERT-style ``[CLS]`` towers, the last position for SigLIP), else None.
+        valid: text towers: bool ``[B,N]``, True up to and including EOS (causal towers) or at every non-padding
+            token (towers pooled at the first/last position), and where the padding mask allows; else None.
         input_ids: text towers: the token ids of the last forward.
         grid: ``(h, w)`` patch grid of the last image forward, when known.
         layers: the chosen layer indices (0-based, forward order); ``num_layers``: the host depth.
-        num_prefix_tokens, cls_index, sos_index: token layout (CLS and register tokens before the patches).
+        num_prefix_tokens, num_suffix_tokens, cls_index, sos_index: token layout (CLS and register tokens before
+            the patches, YOLOS detection tokens after them).
         tower: ``"vision"`` or ``"text"``; ``family``: ``"hf"``, ``"open_clip"``, ``"timm"`` or ``"generic"``.
 
     Examples:
@@ -230,6 +233,13 @@ class AttentionCapture:
         self._spec = spec = resolve_tower(model, tower)
         found = find_attention_layers(spec.layers_root)
         self.num_layers = len(found)
+        if not isinstance(layers, (int, str, Sequence, Tensor)) or isinstance(layers, bool):
+            raise TypeError(
+                "layers must be an int, a name ('early', 'middle', 'late'), 'all' or a sequence of those, "
+                f"got {type(layers).__name__}"
+            )
+        if isinstance(layers, Tensor):
+            layers = [int(i) for i in layers.reshape(-1).tolist()]
         if isinstance(layers, str) and layers == "all":
             self.layers: tuple[int, ...] = tuple(range(self.num_layers))
         else:
@@ -258,6 +268,7 @@ class AttentionCapture:
         self.tower = spec.tower
         self.modality = spec.modality
         self.num_prefix_tokens = spec.num_prefix_tokens
+        self.num_suffix_tokens = spec.num_suffix_tokens
         self.cls_index = spec.cls_index
         self.sos_index = spec.sos_index
         self.patch_size = spec.patch_size
@@ -388,7 +399,13 @@ class AttentionCapture:
             if self._spec.eos_index is not None:
                 with torch.no_grad():
                     eos = self._spec.eos_index(ids).long()
-                    valid = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) <= eos.unsqueeze(1)
+                    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+                    if self._spec.valid_through_eos:
+                        valid = pos <= eos.unsqueeze(1)
+                    else:  # pooled at the first/last position: every non-padding token, and the summary
+                        valid = torch.ones_like(ids, dtype=torch.bool)
+                        if self._spec.pad_id is not None:
+                            valid = (ids != self._spec.pad_id) | (pos == eos.unsqueeze(1))
                     mask = inputs.get("attention_mask")
                     if isinstance(mask, Tensor) and mask.shape == ids.shape:
                         valid = valid & mask.bool()

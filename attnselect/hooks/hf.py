@@ -6,10 +6,16 @@ transformers 4.x (``ViTSelfAttention`` and relatives). The hook sees ``hidden_st
 layers, positional in ViT/DINOv2 layers), ``attention_mask`` and the ``is_causal`` keyword that ``CLIPTextModel``
 passes: a bool mask means True = attend (sdpa), a float mask is additive (eager), and ``None`` with
 ``is_causal=True`` means plain causal attention.
+
+Text towers are summarised at the first ``eos_token_id`` (causal CLIP towers), the last position (SigLIP) or the first
+token (BERT-style towers with token-type embeddings: BERT, RoBERTa, Chinese-CLIP, AltCLIP). Vision towers may carry
+tokens after the patches (YOLOS detection tokens, ``num_suffix_tokens``); hierarchical towers with stages that change
+the token set (GroupViT) are rejected.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -107,16 +113,59 @@ class HFLegacyAttentionAdapter(AttentionAdapter):
         )
 
     @classmethod
+    def check(cls, module: nn.Module) -> None:
+        kind = str(getattr(module, "position_embedding_type", "absolute"))
+        if kind.startswith("relative") and getattr(module, "distance_embedding", None) is not None:
+            raise TypeError(
+                f"{type(module).__name__} uses position_embedding_type={kind!r}: relative position scores are added "
+                "inside the module, which this adapter does not reproduce; this attention type is not supported"
+            )
+
+    @classmethod
     def qk(cls, module: nn.Module, args: tuple, kwargs: dict) -> QK:
-        _check_no_rotary(module, kwargs)
-        hidden = arg(args, kwargs, "hidden_states", 0)
+        params = _bind(module, args, kwargs)
+        _check_no_rotary(module, params)
+        hidden = params["hidden_states"]
         batch, n = hidden.shape[:2]
         heads, head_dim = module.num_attention_heads, module.attention_head_size
         q = module.query(hidden).view(batch, n, heads, head_dim).transpose(1, 2)
         k = module.key(hidden).view(batch, n, heads, head_dim).transpose(1, 2)
-        mask = kwargs.get("attention_mask")
         scale = getattr(module, "scaling", None) or head_dim**-0.5
-        return QK(q=q, k=k, scale=float(scale), bias=_mask_bias(mask))
+        bias = _mask_bias(params.get("attention_mask"))
+        extra = []
+        if getattr(module, "has_relative_position_bias", False):
+            # BEiT / data2vec-vision: a per-layer relative position bias module, sized from the input resolution
+            height, width = params["resolution"]
+            ph, pw = pair(module.config.patch_size)
+            extra.append(
+                module.relative_position_bias(
+                    (height // ph, width // pw), bool(params.get("interpolate_pos_encoding", False)), dim_size=n
+                )
+            )
+        shared = params.get("relative_position_bias")
+        if isinstance(shared, Tensor):  # the model-wide shared relative position bias
+            extra.append(shared)
+        for term in extra:
+            term = term.float()
+            bias = term if bias is None else bias.float() + term
+        return QK(q=q, k=k, scale=float(scale), bias=bias)
+
+
+def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The forward's arguments by name, whether they came by position or by keyword."""
+    sig = inspect.signature(module.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        out = dict(kwargs)
+        if args:
+            out.setdefault("hidden_states", args[0])
+        return out
+    out = dict(bound.arguments)
+    for name in list(out):
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(out.pop(name))
+    return out
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -135,13 +184,39 @@ def _is_text(sub: nn.Module) -> bool:
     return getattr(sub, "main_input_name", "") == "input_ids"
 
 
-def _has_cls(sub: nn.Module) -> bool:
+def _embeddings(sub: nn.Module) -> nn.Module | None:
     emb = getattr(sub, "embeddings", None)
+    if emb is None:  # OwlViTVisionModel, transformers 4.x CLIPVisionModel: a wrapped `vision_model`
+        emb = getattr(getattr(sub, "vision_model", None), "embeddings", None)
+    return emb
+
+
+def _has_cls(sub: nn.Module) -> bool:
+    emb = _embeddings(sub)
     return emb is not None and (hasattr(emb, "cls_token") or hasattr(emb, "class_embedding"))
 
 
-def _text_eos(sub: nn.Module):
+def _extra_prefix(sub: nn.Module) -> int:
+    """Prefix tokens after CLS besides registers: DeiT's distillation token."""
+    return int(getattr(_embeddings(sub), "distillation_token", None) is not None)
+
+
+def _suffix(sub: nn.Module) -> int:
+    """Tokens appended after the patches: YOLOS detection tokens."""
+    det = getattr(_embeddings(sub), "detection_tokens", None)
+    return int(det.shape[1]) if isinstance(det, Tensor) and det.dim() == 3 else 0
+
+
+def _first_token_pooled(sub: nn.Module) -> bool:
+    """BERT-style text towers (BERT, RoBERTa, Chinese-CLIP, AltCLIP, FLAVA): ``[CLS] words [SEP] pad``, summarised
+    by the first token. Recognised by their token-type embeddings, which CLIP-style towers do not have."""
+    return any(isinstance(getattr(m, "token_type_embeddings", None), nn.Module) for m in sub.modules())
+
+
+def _text_eos(sub: nn.Module, first_token: bool):
     name = type(sub).__name__
+    if first_token:
+        return lambda ids: torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     if name.startswith("Siglip"):
         return lambda ids: torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
     eos_id = getattr(sub, "eos_token_id", None)
@@ -151,6 +226,22 @@ def _text_eos(sub: nn.Module):
         # transformers keeps the historic `argmax` pooling for configs with eos_token_id == 2
         return lambda ids: ids.argmax(dim=-1)
     return lambda ids: (ids == eos_id).int().argmax(dim=-1)
+
+
+def _check_vision_tower(model: nn.Module, sub: nn.Module) -> None:
+    """Reject hierarchical vision towers whose token set changes between stages (GroupViT)."""
+    for m in sub.modules():
+        if isinstance(getattr(m, "stages", None), nn.ModuleList):
+            raise TypeError(
+                f"{type(model).__name__}: the vision tower {type(sub).__name__} is hierarchical ({type(m).__name__}"
+                ".stages): each stage appends or merges tokens (GroupViT group tokens and grouping blocks), so its "
+                "attention maps do not share one token set and cannot be stacked as layers; it is not supported"
+                + (" (tower='text' is)" if hasattr(model, "text_model") else "")
+            )
+
+
+def _has_batch_norm(proj: Any) -> bool:
+    return isinstance(proj, nn.Module) and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in proj.modules())
 
 
 def resolve_hf(model: nn.Module, tower: str | None) -> TowerSpec | None:
@@ -177,6 +268,10 @@ def resolve_hf(model: nn.Module, tower: str | None) -> TowerSpec | None:
     if tower is not None and tower != actual:
         raise ValueError(f"tower={tower!r} was asked for, but {type(model).__name__} holds only a {actual} tower")
     cfg = getattr(sub, "config", None)
+    if _has_batch_norm(proj):
+        # GroupViT's projection head: its BatchNorm1d normalises a batch of pooled vectors (and updates its running
+        # statistics in train mode), so it is not applied per token; the tokens are the unprojected hidden states
+        proj = None
     post_ln = None
     if type(sub).__name__.startswith("CLIPVision"):
         # transformers 4.x wraps a CLIPVisionTransformer as `vision_model`
@@ -196,6 +291,7 @@ def resolve_hf(model: nn.Module, tower: str | None) -> TowerSpec | None:
             return {"ids": arg(args, kwargs, "input_ids", 0), "attention_mask": arg(args, kwargs, "attention_mask", 1)}
 
         is_clip = type(sub).__name__.startswith("CLIP")
+        first = _first_token_pooled(sub)
         return TowerSpec(
             family="hf",
             tower="text",
@@ -204,9 +300,14 @@ def resolve_hf(model: nn.Module, tower: str | None) -> TowerSpec | None:
             end=sub,
             read_inputs=read_inputs,
             read_tokens=read_tokens,
-            eos_index=_text_eos(sub),
-            sos_index=0 if is_clip else None,
+            eos_index=_text_eos(sub, first),
+            sos_index=0 if is_clip or first else None,
+            # [CLS]-pooled towers attend to every non-padding token: valid = not the pad id (and the mask)
+            valid_through_eos=not first,
+            pad_id=getattr(cfg, "pad_token_id", None) if first else None,
         )
+
+    _check_vision_tower(model, sub)
 
     def read_image(args: tuple, kwargs: dict) -> dict:
         return {"pixels": arg(args, kwargs, "pixel_values", 0)}
@@ -222,7 +323,8 @@ def resolve_hf(model: nn.Module, tower: str | None) -> TowerSpec | None:
         end=sub,
         read_inputs=read_image,
         read_tokens=read_tokens,
-        num_prefix_tokens=(1 if has_cls else 0) + registers,
+        num_prefix_tokens=(1 if has_cls else 0) + _extra_prefix(sub) + registers,
+        num_suffix_tokens=_suffix(sub),
         cls_index=0 if has_cls else None,
         patch_size=pair(patch) if patch is not None else None,
     )

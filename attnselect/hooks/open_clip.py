@@ -129,6 +129,8 @@ def _text_spec(owner: nn.Module, *, pool_type: str, eos_id: int | None) -> Tower
         read_tokens=read_tokens,
         eos_index=_text_eos(pool_type, eos_id),
         sos_index=0,
+        valid_through_eos=pool_type not in ("first", "last"),
+        pad_id=getattr(owner, "pad_id", None),
     )
 
 

@@ -27,7 +27,8 @@ class TimmAttentionAdapter(AttentionAdapter):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return class_in_mro(module, "timm.", "Attention") and isinstance(getattr(module, "qkv", None), nn.Module)
+        # timm.layers only: several timm.models define their own, different class named `Attention`
+        return class_in_mro(module, "timm.layers.", "Attention") and isinstance(getattr(module, "qkv", None), nn.Module)
 
     @classmethod
     def qk(cls, module: nn.Module, args: tuple, kwargs: dict) -> QK:

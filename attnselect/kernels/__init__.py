@@ -496,6 +496,8 @@ def rollout(
     batch, n = maps[0].shape[0], maps[0].shape[-1]
     rows = None
     if query is not None:
+        q = F._integer(query)  # a numpy integer is an int here
+        query = query if q is None else q
         if isinstance(query, bool) or not isinstance(query, (int, Tensor)):
             raise TypeError(f"query must be an int or a LongTensor [B], got {type(query).__name__}")
         if isinstance(query, int):

@@ -643,7 +643,7 @@ if triton is not None:
 
 def discard_count(ratio: float, n: int) -> int:
     """Number of entries the discard zeroes, with the reference's exact float arithmetic."""
-    return math.floor(ratio * n * n)
+    return math.floor(n * n * ratio)
 
 
 def _check_inputs(maps: Sequence[Tensor], ratios: Sequence[float], head_fusion: str, protect: str) -> None:

@@ -110,6 +110,8 @@ class ITSELFConfig:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {self.lam}")
+        if not self.tau > 0:
+            raise ValueError(f"tau (TAL temperature) must be > 0, got {self.tau}")
         if self.context_length < 3:
             raise ValueError(f"context_length must be >= 3 (SOS, a word, EOS), got {self.context_length}")
 
@@ -545,7 +547,9 @@ class ITSELF(nn.Module):
         """Global and local caption embeddings from one backbone pass.
 
         Args:
-            ids: ``[B,T]`` int64 token ids, ``[SOS] + words + [EOS]`` zero-padded; EOS is the largest id.
+            ids: ``[B,T]`` int64 token ids, ``[SOS] + words + [EOS]`` zero-padded; EOS is the largest id. With the
+                local branch every caption needs at least one word (a ValueError names those without; on CUDA the
+                bank's check, which does not stop the host, reports it).
 
         Returns:
             ``(global [B,E], local [B,E_local] or None)``, not normalised.
@@ -556,6 +560,13 @@ class ITSELF(nn.Module):
             raise ValueError(f"ids must have T = context_length = {self.config.context_length}, got {ids.shape[1]}")
         if self.text_bank is None:
             return self.clip.encode_text(ids), None
+        # on CUDA this check would stop the host every step; there the bank's own check (no sync) reports it
+        empty = torch.nonzero((ids != 0).sum(dim=1) <= 2).flatten() if ids.device.type == "cpu" else ids[:0, 0]
+        if empty.numel():
+            raise ValueError(
+                f"ids: caption(s) {empty[:20].tolist()} have no word token between SOS and EOS, so the local branch "
+                "has nothing to select; drop empty captions (the published code returns NaN embeddings for them)"
+            )
         cap = self._capture("text")
         glob = self.clip.encode_text(ids)
         eos = ids.argmax(dim=-1)
@@ -570,7 +581,9 @@ class ITSELF(nn.Module):
     # ------------------------------------------------------------------------------------------------ retrieval
     @staticmethod
     def _cosine(a: Tensor, b: Tensor) -> Tensor:
-        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).t()
+        # fp32 with autocast off: an fp16/bf16 matmul keeps 3 significant digits and turns close scores into ties.
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).t()
 
     def similarity(
         self,
@@ -578,7 +591,7 @@ class ITSELF(nn.Module):
         txt: tuple[Tensor, Tensor | None] | Tensor,
         lam: float | None = None,
     ) -> Tensor:
-        """Fused cosine similarity ``lam * S_global + (1 - lam) * S_local``.
+        """Fused cosine similarity ``lam * S_global + (1 - lam) * S_local``, in fp32 with autocast switched off.
 
         Args:
             img: ``(global [G,E], local [G,E_local])`` from :meth:`encode_image` (a lone tensor = global only).
@@ -599,7 +612,8 @@ class ITSELF(nn.Module):
             if lam != 1.0 and (il is None) != (tl is None):
                 raise ValueError("similarity: give local embeddings for both images and texts, or for neither")
             return s
-        return lam * s + (1.0 - lam) * self._cosine(tl, il)
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            return lam * s + (1.0 - lam) * self._cosine(tl, il)
 
     # ------------------------------------------------------------------------------------------------ training
     def forward(self, images: Tensor, ids: Tensor, pids: Tensor | None = None) -> dict[str, Tensor]:
@@ -610,15 +624,21 @@ class ITSELF(nn.Module):
             configured losses produce; ``"loss"`` = their plain sum). Otherwise: ``{"image_global", "image_local",
             "text_global", "text_local"}``.
         """
+        losses = pids is not None and self.training
+        if losses:  # validated before the (expensive) encoders run
+            if not isinstance(pids, Tensor) or pids.shape != (images.shape[0],):
+                raise ValueError(f"pids must have shape [B] = [{images.shape[0]}], got {getattr(pids, 'shape', pids)}")
+            if pids.is_floating_point() or pids.is_complex() or pids.dtype == torch.bool:
+                raise TypeError(f"pids must hold integer identity labels, got dtype {pids.dtype}")
+            if images.shape[0] != ids.shape[0]:
+                raise ValueError(
+                    f"images and ids must have the same batch size, got {images.shape[0]} and {ids.shape[0]}"
+                )
         img_g, img_l = self.encode_image(images)
         txt_g, txt_l = self.encode_text(ids)
-        if pids is None or not self.training:
+        if not losses:
             return {"image_global": img_g, "image_local": img_l, "text_global": txt_g, "text_local": txt_l}
-        if not isinstance(pids, Tensor) or pids.shape != (images.shape[0],):
-            raise ValueError(f"pids must have shape [B] = [{images.shape[0]}], got {getattr(pids, 'shape', pids)}")
-        if images.shape[0] != ids.shape[0]:
-            raise ValueError(f"images and ids must have the same batch size, got {images.shape[0]} and {ids.shape[0]}")
-        pids = pids.long()
+        pids = pids.to(device=img_g.device, dtype=torch.long)
         out: dict[str, Tensor] = {}
         pairs = [("global", img_g, txt_g, self.global_cid)]
         if img_l is not None and txt_l is not None:
