@@ -492,7 +492,7 @@ class CIDLoss(nn.Module):
             batch = torch.arange(v.shape[0], device=v.device)
             vi = torch.cat([batch, image_neg[image_ok], batch[text_ok]])
             ti = torch.cat([batch, batch[image_ok], text_neg[text_ok]])
-            labels = torch.cat([pids, pids.new_full((int(image_ok.sum()) + int(text_ok.sum()),), neg)])
+            labels = torch.cat([pids, pids.new_full((vi.shape[0] - batch.shape[0],), neg)])  # no read-back
             pv, pt = v[vi], t[ti]
             logits1 = self.pair_classifier(self.pair_head(torch.cat([pv, pt], dim=1)))
             logits2 = self.pair_classifier(self.pair_head(torch.cat([pt, pv], dim=1)))
