@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     forward_help = {
-        "demo": "train and evaluate a tiny ITSELF model on synthetic data (offline, about a minute on CPU)",
+        "demo": "train and evaluate a tiny ITSELF model on synthetic data (offline, about two minutes on CPU)",
         "train": "train the reference ITSELF model",
         "eval": "evaluate an ITSELF checkpoint",
     }
