@@ -430,3 +430,36 @@ def test_residual_normalize_low_precision_is_one_rounding_from_fp32(dtype):
     exact = F.residual_normalize(a.float())
     info = torch.finfo(dtype)  # half an ulp relative; fp16 subnormals (below tiny) have coarser absolute steps
     torch.testing.assert_close(out.float(), exact, rtol=info.eps / 2, atol=info.tiny)
+
+
+# ---------------------------------------------------------------------------------------------------- edge cases
+def test_discard_all_but_one_entry():
+    """count = N * N - 1 keeps exactly the largest entry (plus entry (0, 0) under protect="entry0")."""
+    a = torch.tensor([[[0.1, 0.4], [0.2, 0.3]]])  # floor(0.75 * 4) = 3 entries go
+    assert F.discard_lowest(a, 0.75, protect="none").tolist() == [[[0.0, pytest.approx(0.4)], [0.0, 0.0]]]
+    kept = F.discard_lowest(a, 0.75, protect="entry0")
+    assert kept.tolist() == [[[pytest.approx(0.1), pytest.approx(0.4)], [0.0, 0.0]]]
+
+
+def test_query_chain_pairs_each_layer_with_its_own_ratio():
+    """Three layers with distinct ratios: the row chain (last layer first) must use ratio l for layer l."""
+    maps = [softmax_maps(2, 9, 2, seed=40 + i) for i in range(3)]
+    ratios = [0.1, 0.6, 0.3]
+    full = F.rollout(maps, discard_ratio=ratios)
+    torch.testing.assert_close(full.double(), naive_rollout(maps, ratios), rtol=1e-5, atol=1e-6)
+    query = torch.tensor([2, 7])
+    rows = F.rollout(maps, discard_ratio=ratios, query=query)
+    torch.testing.assert_close(rows, full[torch.arange(2), query], rtol=1e-5, atol=1e-6)
+
+
+def test_negative_int_query_is_the_row_from_the_end():
+    """query=-n is row 0 (entry (0, 0) stays protected) and query=-1 is row n - 1, for rollout and layer_statistic."""
+    n = 6
+    maps = [softmax_maps(2, n, seed=50 + i) for i in range(2)]
+    for m in maps:
+        m[:, 0, 0] = 1e-6  # the smallest entry of every map: discarded unless protected
+    for q, row in ((-n, 0), (-1, n - 1)):
+        torch.testing.assert_close(
+            F.rollout(maps, discard_ratio=0.5, query=q), F.rollout(maps, discard_ratio=0.5)[:, row]
+        )
+        torch.testing.assert_close(F.layer_statistic(maps, "mean", q), F.layer_statistic(maps, "mean", row))

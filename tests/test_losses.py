@@ -389,3 +389,47 @@ def test_id_loss_accepts_int32_labels():
     li, lt = torch.randn(4, 5), torch.randn(4, 5)
     y = torch.tensor([0, 4, 1, 1])
     torch.testing.assert_close(id_loss(li, lt, y.int()), id_loss(li, lt, y))
+
+
+def test_tal_positive_weights_carry_no_gradient():
+    """With tau = 1 the positive weights vary smoothly, so a gradient through them would change the result."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    pids = torch.tensor([0, 0, 0, 1, 1, 2])
+    tau, margin = 1.0, 3.0  # every hinge active
+
+    def reference(detach: bool):
+        vv, tt = v.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        s = F.normalize(tt, dim=-1) @ F.normalize(vv, dim=-1).t()
+        total = 0.0
+        for sim in (s, s.t()):
+            for a in range(6):
+                pos = pids == pids[a]
+                w = torch.softmax((sim[a] / tau).masked_fill(~pos, float("-inf")), 0)
+                w = w.detach() if detach else w
+                total = total + margin - (w * sim[a]).sum() + tau * torch.logsumexp(sim[a][~pos] / tau, 0)
+        total.backward()
+        return vv.grad, tt.grad
+
+    gv, gt = reference(detach=True)
+    gv_attached, _ = reference(detach=False)
+    assert (gv - gv_attached).abs().max() > 1e-3  # the two conventions are distinguishable here
+    vf, tf = v.float().requires_grad_(True), t.float().requires_grad_(True)
+    tal_loss(vf, tf, pids, tau=tau, margin=margin).backward()
+    torch.testing.assert_close(vf.grad.double(), gv, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tf.grad.double(), gt, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_defaults_are_the_published_values():
+    """TAL: tau 0.015, margin 0.1; SDM: logit_scale 50, factor 0.3 (IRRA)."""
+    g = torch.Generator().manual_seed(4)
+    v, t = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    pids, image_ids = torch.tensor([0, 0, 1, 1, 2, 3]), torch.tensor([0, 1, 2, 2, 3, 4])
+    assert tal_loss(v, t, pids).item() == tal_loss(v, t, pids, tau=0.015, margin=0.1).item()
+    assert tal_loss(v, t, pids).item() != tal_loss(v, t, pids, tau=0.02, margin=0.1).item()
+    assert sdm_loss(v, t, pids).item() == sdm_loss(v, t, pids, logit_scale=50.0).item()
+    assert sdm_loss(v, t, pids).item() != sdm_loss(v, t, pids, logit_scale=1 / 0.07).item()
+    with_ids = sdm_loss(v, t, pids, image_ids=image_ids).item()
+    assert with_ids == sdm_loss(v, t, pids, 50.0, image_ids=image_ids, factor=0.3).item()
+    assert with_ids != sdm_loss(v, t, pids, 50.0, image_ids=image_ids, factor=0.5).item()

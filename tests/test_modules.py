@@ -403,3 +403,23 @@ def test_bank_errors_name_the_right_argument():
         bank(torch.randn(2, 6, 4), maps, valid=only_cls)
     with pytest.raises(ValueError, match="tokens"):  # tokens on another device than the maps
         bank(torch.randn(2, 6, 4, device="meta"), maps)
+
+
+def test_ats_intermediate_values_of_each_schedule():
+    # n = 192, T = 100, rho 0.65 -> 0.5, r = t / T:
+    # linear: 192 * (0.65 - 0.15 r): r = 0.25 -> 117.6, 0.5 -> 110.4, 0.75 -> 103.2
+    # cosine: 192 * (0.5 + 0.15 * (1 + cos(pi r)) / 2): 120.58, 110.4, 100.22
+    # exp:    192 * 0.65 * (0.5 / 0.65) ** r: 116.88, 109.46, 102.51
+    expected = {"linear": [117, 110, 103], "cosine": [120, 110, 100], "exp": [116, 109, 102]}
+    for schedule, ks in expected.items():
+        ats = asel.AdaptiveTokenScheduler(schedule=schedule, total_steps=100)
+        assert [ats.num_tokens(192, step=t) for t in (25, 50, 75)] == ks, schedule
+    assert asel.AdaptiveTokenScheduler(schedule="linear", total_steps=100).ratio(50) == pytest.approx(0.575)
+
+
+@pytest.mark.parametrize("schedule", ["exp", "linear", "cosine", "fixed"])
+def test_ats_keeps_at_least_one_token(schedule):
+    # rho_end = 0.1: n * rho < 1 for n < 10, yet at least one token is always kept
+    ats = asel.AdaptiveTokenScheduler(rho_start=0.3, rho_end=0.1, total_steps=10, schedule=schedule)
+    assert [ats.num_tokens(n, step=10) for n in (1, 2, 5, 9)] == [1, 1, 1, 1]
+    assert asel.AdaptiveTokenScheduler().num_tokens(1, step=1) == 1  # 0.65 * 1 rounds down to 0
