@@ -302,7 +302,7 @@ class AttentiveBank(nn.Module):
         excluded = _exclusion_mask(exclude, query_rows, batch, n_tok, tokens.device, per_sample)
         selectable = ~excluded
         if valid is not None:
-            F._check_valid(valid, (batch, n_tok), tokens.device, rows=False)  # rows: checked below with exclude
+            F._check_valid(valid, (batch, n_tok), tokens.device, each_row=False)  # rows: checked below
             selectable = selectable & valid
         empty = ~selectable.any(dim=1)
         # one read-back for both (on CUDA each is a wait for the device)

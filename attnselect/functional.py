@@ -122,7 +122,7 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _fused_fp32(attn: Tensor, mode: str, dtype: torch.dtype | None = None) -> Tensor:
+def _fused_acc(attn: Tensor, mode: str, dtype: torch.dtype | None = None) -> Tensor:
     """Head fusion accumulated in ``dtype`` (default :func:`_acc_dtype`: fp32, fp64 for fp64 maps); ``[B,N,N]`` maps
     are only converted. May return ``attn`` itself (a ``[B,N,N]`` map already in ``dtype``)."""
     dtype = _acc_dtype(attn) if dtype is None else dtype
@@ -163,7 +163,7 @@ def fuse_heads(attn: Tensor, mode: str = "mean") -> Tensor:
     _check_choice(mode, FUSION_MODES, "mode")
     if attn.dim() == 3:
         return attn
-    return _fused_fp32(attn, mode).to(attn.dtype)
+    return _fused_acc(attn, mode).to(attn.dtype)
 
 
 def _threshold(flat: Tensor, count: int) -> tuple[Tensor, bool]:
@@ -328,11 +328,18 @@ def _integer(value: object) -> int | None:
     return None
 
 
-def _check_query(query: int | Tensor, batch: int, n: int, device: torch.device) -> Tensor:
-    """Per-sample query rows as a LongTensor ``[B]`` on ``device``."""
+def _check_query(
+    query: int | Tensor, batch: int, n: int, device: torch.device, *, range_on_device: bool = False
+) -> Tensor:
+    """Per-sample query rows as a LongTensor ``[B]`` on ``device``.
+
+    With ``range_on_device`` (the kernels, which flag rows outside ``[0, N)`` themselves) the rows of a tensor are not
+    read back to check their range, and int32 rows stay int32.
+    """
     if isinstance(query, bool):
         raise TypeError("query must be an int or a LongTensor [B] of row indices, got bool")
-    query = query if _integer(query) is None else _integer(query)
+    as_int = _integer(query)
+    query = query if as_int is None else as_int
     if isinstance(query, int):
         if not -n <= query < n:
             raise ValueError(f"query must be a row index in [0, {n}), got {query}")
@@ -345,6 +352,9 @@ def _check_query(query: int | Tensor, batch: int, n: int, device: torch.device) 
         query = query.expand(batch)
     if query.shape != (batch,):
         raise ValueError(f"query must have shape [B] = [{batch}], got {tuple(query.shape)}")
+    if range_on_device:
+        keep = query.dtype in (torch.int32, torch.int64)
+        return query.to(device=device, dtype=query.dtype if keep else torch.long)
     query = query.to(device=device, dtype=torch.long)
     if batch and (int(query.min()) < 0 or int(query.max()) >= n):
         raise ValueError(f"query rows must lie in [0, {n}), got min {int(query.min())} max {int(query.max())}")
@@ -363,7 +373,7 @@ def _prepared_layer(
     with ``rows`` only those rows of ``A_d`` (``[B,N]``) and their sums (``[B]``)."""
     if head_fusion == "min" and attn.dim() == 4:
         _check_finite(attn, "attentions")  # a minimum over heads can hide an inf
-    a = _fused_fp32(attn, head_fusion, dtype)
+    a = _fused_acc(attn, head_fusion, dtype)
     _check_nonnegative_finite(a, "attentions")  # on the fused map: one cheap pass
     # the fused map is our own buffer and may be written in place, unless autograd needs it (amax / amin save their
     # output for the backward pass)
@@ -462,7 +472,7 @@ def layer_statistic(attentions: Sequence[Tensor], stat: str, query: int | Tensor
     index = rows.view(batch, 1, 1).expand(batch, 1, n)
     with torch.set_grad_enabled(torch.is_grad_enabled() and any(a.requires_grad for a in maps)):
         dtype = _acc_dtype(*maps)
-        stacked = torch.stack([_fused_fp32(a, "mean", dtype).gather(1, index).squeeze(1) for a in maps])  # [L,B,N]
+        stacked = torch.stack([_fused_acc(a, "mean", dtype).gather(1, index).squeeze(1) for a in maps])  # [L,B,N]
         _check_finite(stacked, "attentions")
         if stat == "mean":
             return stacked.mean(0)
@@ -473,10 +483,10 @@ def layer_statistic(attentions: Sequence[Tensor], stat: str, query: int | Tensor
 # selection, gather, pooling
 # --------------------------------------------------------------------------------------------------------------------
 def _check_valid(
-    valid: Tensor | None, shape: torch.Size, device: torch.device, name: str = "valid", *, rows: bool = True
+    valid: Tensor | None, shape: torch.Size, device: torch.device, name: str = "valid", *, each_row: bool = True
 ) -> Tensor | None:
-    """Type, shape and device of a ``valid`` mask; with ``rows``, also that every sample has a True entry (a read-back
-    of device data: callers that check it together with other values pass ``rows=False``)."""
+    """Type, shape and device of a ``valid`` mask; with ``each_row``, also that every sample has a True entry (a
+    read-back of device data: callers that check it together with other values pass ``each_row=False``)."""
     if valid is None:
         return None
     _check_tensor(valid, name)
@@ -486,7 +496,7 @@ def _check_valid(
         raise ValueError(f"{name} must have shape {tuple(shape)} like scores, got {tuple(valid.shape)}")
     if valid.device != device:
         raise ValueError(f"{name} is on {valid.device} but scores are on {device}")
-    if not rows:
+    if not each_row:
         return valid
     empty = ~valid.any(dim=1)
     if bool(empty.any()):
@@ -497,8 +507,9 @@ def _check_valid(
 
 def check_k(k: int, n: int, name: str = "k") -> int:
     """Validate a token count ``k`` against ``n`` tokens: an int in ``[1, n]``."""
-    if _integer(k) is not None:
-        k = _integer(k)
+    as_int = _integer(k)
+    if as_int is not None:
+        k = as_int
     else:
         if isinstance(k, Tensor) and k.numel() == 1 and not k.is_floating_point() and k.dtype != torch.bool:
             k = int(k)
@@ -703,4 +714,4 @@ def attention_probs(
     probs = torch.softmax(logits, dim=-1).masked_fill(torch.isneginf(logits).all(dim=-1, keepdim=True), 0.0)
     if head_fusion is None:
         return probs
-    return _fused_fp32(probs, head_fusion)
+    return _fused_acc(probs, head_fusion)

@@ -258,19 +258,3 @@ def test_attach_never_keeps_yolos_detection_tokens():
     assert out.k == 8  # only the 8 patches count
     kept = out.indices[out.mask]
     assert bool(((kept >= 1) & (kept <= 8)).all())
-
-
-def test_attach_rejects_groupvit_vision_at_attach_time():
-    cfg = transformers.GroupViTVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        depths=[1, 1],
-        num_hidden_layers=2,
-        num_group_tokens=[4, 0],
-        num_output_groups=[4, 2],
-        image_size=16,
-        patch_size=8,
-    )
-    with pytest.raises(TypeError, match="GroupViT"):
-        asel.AttentiveBank().attach(transformers.GroupViTVisionModel(cfg))

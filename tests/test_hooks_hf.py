@@ -7,6 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from attnselect import AttentiveBank  # noqa: E402
 from attnselect.hooks import capture_attention  # noqa: E402
 
 TOL = 1e-5
@@ -348,8 +349,11 @@ def test_groupvit_vision_is_rejected_and_text_is_supported():
     model = transformers.GroupViTModel._from_config(cfg, attn_implementation="eager").eval()
     with pytest.raises(TypeError, match=r"GroupViTVisionTransformer.*stage"):
         capture_attention(model, "all")
+    vision = transformers.GroupViTVisionModel(cfg.vision_config)
     with pytest.raises(TypeError, match=r"GroupViTVisionModel.*stage"):
-        capture_attention(transformers.GroupViTVisionModel(cfg.vision_config), -1)
+        capture_attention(vision, -1)
+    with pytest.raises(TypeError, match="GroupViT"):  # attach refuses it when attaching, before any forward
+        AttentiveBank().attach(vision)
 
     ids = torch.tensor([[98, 5, 6, 7, 99, 0, 0, 0], [98, 11, 12, 13, 14, 15, 16, 99]])
     mask = (ids != 0).long()

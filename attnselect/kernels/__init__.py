@@ -494,24 +494,7 @@ def rollout(
     F._check_choice(head_fusion, F.FUSION_MODES, "head_fusion")
     F._check_choice(protect, F.PROTECT_MODES, "protect")
     batch, n = maps[0].shape[0], maps[0].shape[-1]
-    rows = None
-    if query is not None:
-        q = F._integer(query)  # a numpy integer is an int here
-        query = query if q is None else q
-        if isinstance(query, bool) or not isinstance(query, (int, Tensor)):
-            raise TypeError(f"query must be an int or a LongTensor [B], got {type(query).__name__}")
-        if isinstance(query, int):
-            if not -n <= query < n:
-                raise ValueError(f"query must be a row index in [0, {n}), got {query}")
-            rows = torch.full((batch,), query % n, dtype=torch.long, device=maps[0].device)
-        else:
-            if query.dtype.is_floating_point or query.dtype == torch.bool or query.is_complex():
-                raise TypeError(f"query must hold integer row indices, got dtype {query.dtype}")
-            rows = query.expand(batch) if query.dim() == 0 else query
-            if rows.shape != (batch,):
-                raise ValueError(f"query must have shape [B] = [{batch}], got {tuple(rows.shape)}")
-            if rows.device != maps[0].device or rows.dtype not in (torch.int32, torch.int64):
-                rows = rows.to(device=maps[0].device, dtype=torch.long)  # int32/int64 rows are read as they are
+    rows = None if query is None else F._check_query(query, batch, n, maps[0].device, range_on_device=True)
     if _tracing():
         return torch.ops.attnselect.rollout(list(maps), ratios, head_fusion, protect, rows)
     from .rollout import rollout_forward
