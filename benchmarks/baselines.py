@@ -1,19 +1,23 @@
 """Baselines the benchmarks compare against.
 
-:func:`published_rollout` re-implements the loop-based rollout of the published ITSELF code (itself the common
-"vit-explain" rollout), step for step, so its cost can be measured next to the library's paths:
+:func:`published_rollout` is the rollout method of the published ITSELF code (``ITSELF.rollout`` in
+``model/build.py``), step for step, over the layers it is given:
 
-- start from the identity ``N x N`` (expanded over the batch) and multiply full ``N x N`` matrices at every layer;
-- fuse heads (mean/max/min over dim 1) when a layer has a head axis;
-- for each sample, in a Python loop: ``topk`` of the flattened ``N*N`` map with ``largest=False`` for the
-  ``int(N*N*ratio)`` smallest entries, drop flat index 0 from that list, write zeros at the rest in place;
-- ``(A + I) / 2``, divide each row by its sum, ``result = A @ result``.
+- start from the identity ``N x N`` expanded over the batch; multiply full ``N x N`` matrices at every layer;
+- fuse heads (mean/max/min over the head axis, under no-grad) when the maps have one;
+- discard: **one batched** ``topk(int(N*N*ratio), largest=False)`` over the flattened ``[B, N*N]`` maps (skipped when
+  that count is 0), then, for each sample in a Python loop, drop flat index 0 from its index list
+  (``idx[idx != 0]``, a boolean mask) and write zeros at the rest;
+- a fresh expanded identity per layer, ``(A + I) / 2``, each row divided by its sum, ``result = bmm(A, result)``.
 
-Differences from the published code, all without effect on the cost being measured: a ``[B,N,N]`` map is cloned
-before the in-place zeroing (the published code writes into the caller's tensor, which would change the inputs of the
-next timed call), and the device and dtype of the identity follow the input instead of being hard-coded.
-Ties at the threshold are broken by ``torch.topk``, which does not promise an order; :mod:`attnselect.functional`
-breaks them lower flat index first.
+The published forward stacks the layer maps into one ``[L,B,(H,)N,N]`` tensor before calling the method; that stack
+is the caller's, so a stacked tensor passed here is used as is (the benchmarks stack outside the timed call), and a
+list is stacked first. Differences from the published code, without effect on the cost: maps without a head axis
+are cloned before the in-place zeroing (the published code writes into the caller's tensor, which would change the
+inputs of the next timed call), the ratio is one float or one per given layer (the published code indexes a
+12-entry list by layer and skips the layers in ``skip_layer``), and errors are ``ValueError``. Ties at the threshold
+are broken by ``torch.topk``, which promises no order; :mod:`attnselect.functional` breaks them lower flat index
+first.
 """
 
 from __future__ import annotations
@@ -25,35 +29,45 @@ from torch import Tensor
 
 
 def published_rollout(
-    attentions: Sequence[Tensor], discard_ratio: float | Sequence[float] = 0.25, head_fusion: str = "mean"
+    attentions: Tensor | Sequence[Tensor], discard_ratio: float | Sequence[float] = 0.25, head_fusion: str = "mean"
 ) -> Tensor:
-    """Loop-based rollout as published: ``[B,(H,)N,N]`` per layer -> ``[B,N,N]``."""
-    first = attentions[0]
-    b, n = first.shape[0], first.shape[-1]
-    ratios = [discard_ratio] * len(attentions) if isinstance(discard_ratio, (int, float)) else list(discard_ratio)
-    result = torch.eye(n, device=first.device).unsqueeze(0).expand(b, n, n)
-    with torch.no_grad():
-        for attention, ratio in zip(attentions, ratios):
-            if attention.dim() == 4:
+    """The published rollout: ``[L,B,(H,)N,N]`` (or a list of ``[B,(H,)N,N]``) -> ``[B,N,N]``."""
+    if not isinstance(attentions, Tensor):
+        attentions = torch.stack(list(attentions), dim=0)
+    if attentions.dim() == 5:
+        layers, b, _, n, _ = attentions.shape
+    else:
+        layers, b, n, _ = attentions.shape
+    ratios = [discard_ratio] * layers if isinstance(discard_ratio, (int, float)) else list(discard_ratio)
+    device = attentions.device
+    result = torch.eye(n, device=device).unsqueeze(0).expand(b, -1, -1)
+    for layer in range(layers):
+        attn = attentions[layer]
+        if attentions.dim() == 5:
+            with torch.no_grad():
                 if head_fusion == "mean":
-                    fused = attention.mean(dim=1)
+                    attn = attn.mean(axis=1)
                 elif head_fusion == "max":
-                    fused = attention.max(dim=1)[0]
+                    attn = attn.max(axis=1)[0]
                 elif head_fusion == "min":
-                    fused = attention.min(dim=1)[0]
+                    attn = attn.min(axis=1)[0]
                 else:
                     raise ValueError(f"attention head fusion type not supported: {head_fusion}")
-            else:
-                fused = attention.clone()
-            flat = fused.view(b, -1)
+        else:
+            attn = attn.clone()  # the published code zeroes the caller's maps in place
+        flat = attn.view(b, -1)
+        num_to_discard = int(flat.size(-1) * ratios[layer])
+        if num_to_discard > 0:
+            _, indices = flat.topk(num_to_discard, dim=-1, largest=False)
             for i in range(b):
-                _, indices = flat[i].topk(int(flat[i].size(-1) * ratio), -1, False)
-                indices = indices[indices != 0]
-                flat[i, indices] = 0
-            eye = torch.eye(n, device=first.device)
-            a = (fused + 1.0 * eye) / 2
-            a = a / a.sum(dim=-1, keepdim=True)
-            result = torch.matmul(a, result)
+                idx = indices[i]
+                idx = idx[idx != 0]
+                flat[i, idx] = 0
+            attn = flat.view(b, n, n)
+        eye = torch.eye(n, device=device).unsqueeze(0).expand(b, -1, -1)
+        attn = (attn + eye) / 2.0
+        attn = attn / attn.sum(dim=-1, keepdim=True)
+        result = torch.bmm(attn, result)
     return result
 
 

@@ -41,14 +41,14 @@ if [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi
 # name | ceiling in seconds | command
 STEPS=(
   "env|10|nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
-  "rollout|75|$PY benchmarks/bench_rollout.py --device cuda --skip-compiled"
-  "topk_gather|40|$PY benchmarks/bench_topk_gather.py --device cuda"
-  "capture|50|$PY benchmarks/bench_capture.py --device cuda"
-  "train_step|70|$PY benchmarks/bench_train_step.py --device cuda"
-  "attach|25|$PY benchmarks/bench_attach.py --device cuda"
-  "profile|50|$PY benchmarks/profile_kernels.py --device cuda"
+  "rollout|100|$PY benchmarks/bench_rollout.py --device cuda --skip-compiled"
+  "topk_gather|30|$PY benchmarks/bench_topk_gather.py --device cuda"
+  "capture|35|$PY benchmarks/bench_capture.py --device cuda"
+  "train_step|60|$PY benchmarks/bench_train_step.py --device cuda"
+  "attach|20|$PY benchmarks/bench_attach.py --device cuda"
+  "profile|60|$PY benchmarks/profile_kernels.py --device cuda"
   "kernel_tests|140|$PY -m pytest -q -p no:cacheprovider -m kernels $XDIST tests/test_kernels.py tests/test_kernels_adversarial.py tests/test_kernels_per_sample.py tests/test_kernel_host.py tests/test_compile.py tests/test_cuda_graphs.py"
-  "summary|20|$PY benchmarks/gpu_summary.py"
+  "summary|15|$PY benchmarks/gpu_summary.py"
 )
 
 total=0

@@ -8,6 +8,26 @@ from collections.abc import Callable
 import pytest
 import torch
 
+
+def _import_kernel_modules() -> None:
+    """Import the kernel modules under the environment the run was started with.
+
+    Triton decides when a module's kernels are defined whether they are interpreted (``TRITON_INTERPRET=1``) or
+    compiled. Some tests set ``TRITON_INTERPRET=1`` for a while (launch recorders, gate checks); were a kernel module
+    first imported inside one of them, its kernels would stay interpreted for the rest of the process, and on a GPU
+    every later test in that process would run the interpreter on CUDA tensors. Importing them here, first, keeps
+    them as the run's environment says whatever order the tests run in (pytest-xdist included).
+    """
+    try:
+        import attnselect.kernels.capture
+        import attnselect.kernels.rollout
+        import attnselect.kernels.topk_gather  # noqa: F401
+    except ImportError:  # no Triton: the kernel tests skip
+        pass
+
+
+_import_kernel_modules()
+
 _DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),

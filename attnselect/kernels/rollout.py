@@ -150,18 +150,27 @@ if triton is not None:
         return tl.sum(w[:, None] * (a + tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)), axis=0)
 
     @triton.jit
-    def _fused(src, m, stride_h, H, FUSION: tl.constexpr, EVICT: tl.constexpr = ""):
+    def _load_heads(src, m, STREAM: tl.constexpr):
+        if STREAM:
+            v = tl.load(src, mask=m, other=0.0, eviction_policy="evict_first")
+        else:
+            v = tl.load(src, mask=m, other=0.0)
+        return v.to(tl.float32)
+
+    @triton.jit
+    def _fused(src, m, stride_h, H, FUSION: tl.constexpr, STREAM: tl.constexpr):
         # the same arithmetic wherever a fused value is needed: heads in order, fp32, mean = sum / H. A run-time loop
-        # over heads (not unrolled: an unrolled one holds every head's tile in registers and spills). EVICT is the
-        # loads' cache eviction hint ("evict_first" where the maps are streamed once and a workspace should stay)
-        acc = tl.load(src, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        # over heads (not unrolled: an unrolled one holds every head's tile in registers and spills). STREAM: the maps
+        # are streamed once and a workspace should stay, so the loads carry the "evict_first" hint. Every caller
+        # passes both constexprs: a default value of a nested function's constexpr is not one in every Triton.
+        acc = _load_heads(src, m, STREAM)
         if FUSION == 2:  # a minimum can hide an inf of any head, as in the reference
             bad = (acc != acc) | (tl.abs(acc) == float("inf"))
         else:  # mean and max carry a NaN or an inf of any head into `acc` (or max hides it, as the reference does)
             bad = acc != acc
         for _h in range(1, H):
             src += stride_h  # a pointer step, not h * stride_h: that product is 32-bit and wraps past 2**31
-            v = tl.load(src, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
+            v = _load_heads(src, m, STREAM)
             if FUSION == 0:
                 acc += v
             elif FUSION == 1:
@@ -217,7 +226,7 @@ if triton is not None:
             run = i // RUN
             pos = (run.to(tl.int64) * NN) // RUNS + (i % RUN)
         m = pos < NN
-        w, _ = _fused(X + b.to(tl.int64) * stride_b + pos, m, stride_h, H, FUSION)
+        w, _ = _fused(X + b.to(tl.int64) * stride_b + pos, m, stride_h, H, FUSION, False)
         keys = _key(w)
         lo = tl.program_id(0) * 0
         hi = lo + 2147483647
@@ -256,7 +265,7 @@ if triton is not None:
         offs = tile * BLOCK + tl.arange(0, BLOCK)
         m = offs < NN
         # the maps are streamed once (evict-first); the workspace is read again by the select and row passes
-        acc, bad = _fused(X + b.to(tl.int64) * stride_b + offs, m, stride_h, H, FUSION, "evict_first")
+        acc, bad = _fused(X + b.to(tl.int64) * stride_b + offs, m, stride_h, H, FUSION, True)
         tl.store(W + b.to(tl.int64) * NN + offs, acc, mask=m, eviction_policy="evict_last")
         any_bad = tl.max(bad.to(tl.int32), axis=0)
         if any_bad > 0:
@@ -507,7 +516,7 @@ if triton is not None:
         # 1. the fused map as one flat register tile: the checks and P* = (thr, cut), the count-th smallest pair
         i = tl.arange(0, BLOCK_NN)
         mi = i < NN
-        flat_w, bad = _fused(src + i, mi, stride_h, H, FUSION)
+        flat_w, bad = _fused(src + i, mi, stride_h, H, FUSION, False)
         if tl.max(bad.to(tl.int32), axis=0) > 0:
             tl.atomic_or(FLAG, 1)
         if SELECT:
@@ -525,7 +534,7 @@ if triton is not None:
         if LAST:
             q = _query_row(Q, b, N, FLAG)
             flat = q * N + cols
-            a, _ = _fused(src + flat, cm, stride_h, H, FUSION)
+            a, _ = _fused(src + flat, cm, stride_h, H, FUSION, False)
             v = _last_layer_step(a, flat, q, cols, cm, thr, cut, PROTECT)
         else:
             v = tl.zeros([BLOCK], dtype=tl.float32)
@@ -534,7 +543,7 @@ if triton is not None:
                 rows = r0 + rr
                 m = (rows < N)[:, None] & cm[None, :]
                 flat = rows[:, None] * N + cols[None, :]
-                a, _ = _fused(src + flat, m, stride_h, H, FUSION)
+                a, _ = _fused(src + flat, m, stride_h, H, FUSION, False)
                 v += _rows_share(a, flat, m, rows, cols, V_IN + vrow, N, thr, cut, PROTECT)
         tl.store(V_OUT + vrow + cols, v, mask=cm)
 
@@ -574,7 +583,7 @@ if triton is not None:
         for t0 in range(0, NN, BLOCK):
             idx = t0 + i
             m = idx < NN
-            acc, bad = _fused(src + idx, m, stride_h, H, FUSION, "evict_first")
+            acc, bad = _fused(src + idx, m, stride_h, H, FUSION, True)
             tl.store(wb + idx, acc, mask=m, eviction_policy="evict_last")
             any_bad = tl.maximum(any_bad, tl.max(bad.to(tl.int32), axis=0))
             if SELECT:
