@@ -9,8 +9,9 @@ Providers on the same ``q, k, v`` ``[B,H,N,d]`` of one layer:
 - ``reference``: :func:`attnselect.functional.attention_probs` (what the capture hooks call);
 - ``triton``: :func:`attnselect.kernels.attention_probs` on CUDA (no ``[B,H,N,N]`` intermediate);
 - ``triton_query_row``: the same kernel keeping only query row 0 (what a CLS-row selector needs);
-- ``triton_rows64``: the one-pass kernel with 64 query rows per program (tensor-core ``wgmma`` tiles on an H100, more
-  row padding), at shapes the one-pass kernel takes, so one GPU run compares the two configurations.
+- ``triton_rows32`` / ``triton_rows64``: the one-pass kernel with the other row block than its default at that key
+  width (32 or 64 query rows per program: more rows mean tensor-core ``wgmma`` tiles on Hopper and more row
+  padding), at shapes the one-pass kernel takes, so one GPU run compares the two configurations.
 
 Shapes: ITSELF image ``B=256, H=12, N=193, d=64``, ITSELF text (causal) ``B=256, H=8, N=77, d=64``,
 ViT-L/14-336 ``B=64, H=16, N=577, d=64``; fp16 on CUDA, fp32 on CPU.
@@ -54,9 +55,9 @@ CUDA_SHAPES = [
 CPU_SHAPES = [(16, 12, 193, 64, False, "itself-image"), (16, 8, 77, 64, True, "itself-text")]
 
 
-#: (query rows per program, warps) of the one-pass kernel's 64-row alternative at the benchmark shapes' key tile
-#: widths (128: text, 256: image); compiled for an H100 neither spills (benchmarks/kernel_resources.py)
-ROWS64 = {128: (64, 8), 256: (64, 16)}
+#: (query rows per program, warps) of the one-pass kernel's two row blocks at the benchmark shapes' key tile widths
+#: (128: text, 256: image); the one its ONEPASS_CONFIG does not take is timed beside the default
+ROW_BLOCKS = {128: [(32, 4), (64, 8)], 256: [(32, 8), (64, 16)]}
 
 
 def _with_config(kernel_module, keys: int, config: tuple[int, int], fn):
@@ -97,21 +98,23 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
         ]
         kernel_module = importlib.import_module("attnselect.kernels.capture")
         keys = max(16, 1 << (n - 1).bit_length())
-        if keys in ROWS64 and keys * max(16, 1 << (d - 1).bit_length()) <= kernel_module.ONEPASS_MAX_TILE:
-            # the one-pass kernel with 64-row blocks (tensor-core wgmma tiles on an H100; more row padding): compared
-            # here so a GPU run can choose the configuration
-            providers.append(
-                (
-                    "triton_rows64",
-                    lambda: _with_config(
-                        kernel_module, keys, ROWS64[keys], lambda: K.attention_probs(q, k, scale=scale, causal=causal)
-                    ),
-                    in_bytes + out_bytes,
+        if keys in ROW_BLOCKS and keys * max(16, 1 << (d - 1).bit_length()) <= kernel_module.ONEPASS_MAX_TILE:
+            # the one-pass kernel with the other row block (compared here so a GPU run can choose the configuration)
+            for config in ROW_BLOCKS[keys]:
+                if config == kernel_module.ONEPASS_CONFIG[keys]:
+                    continue
+                providers.append(
+                    (
+                        f"triton_rows{config[0]}",
+                        lambda config=config: _with_config(
+                            kernel_module, keys, config, lambda: K.attention_probs(q, k, scale=scale, causal=causal)
+                        ),
+                        in_bytes + out_bytes,
+                    )
                 )
-            )
         ref = F.attention_probs(q, k, scale=scale, causal=causal)
         for provider, fn, _ in providers:
-            if provider in ("triton", "triton_rows64"):
+            if provider == "triton" or provider.startswith("triton_rows"):
                 check(provider, (fn() - ref).abs().max().item(), 1e-4)
     shape = f"{name} B={b} H={h} N={n} d={d}" + (" causal" if causal else "")
     rows = []

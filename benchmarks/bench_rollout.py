@@ -16,14 +16,17 @@ Providers, all on the same per-head maps ``[B,H,N,N]`` of two layers, discard ra
 Shapes: CPU ``B=64, H=12, N=193``; CUDA ITSELF image ``B=256, H=12, N=193``, ITSELF text ``B=256, H=8, N=77``,
 ViT-L/14-336 ``B=64, H=16, N=577``. ``--quick`` runs the first shape only, with fewer repetitions.
 
-Usage: ``python benchmarks/bench_rollout.py [--quick] [--device cpu|cuda] [--skip-compiled]`` (``--skip-compiled``
-leaves out the ``torch.compile`` provider, whose compilation takes most of a GPU run).
+Usage: ``python benchmarks/bench_rollout.py [--quick] [--device cpu|cuda] [--skip-compiled] [--interleave |
+--no-interleave]`` (``--skip-compiled`` leaves out the ``torch.compile`` provider, whose compilation takes most of a
+GPU run). On a CPU the providers are timed in interleaved rounds (one call of each per round) and the spread of the
+per-round ratios to ``reference_query`` is printed; ``--interleave`` does the same on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import statistics
 import sys
 from pathlib import Path
 
@@ -37,10 +40,14 @@ from harness import (
     check,
     exit_on_mismatch,
     kernels_available,
+    make_row,
     measure,
     parse_args,
     patched,
     peak_bandwidth,
+    peak_memory_mb,
+    spread,
+    time_interleaved_ms,
     write_results,
 )
 
@@ -138,21 +145,33 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
                 check(provider, (fn() - ref[:, 0]).abs().max().item(), 1e-4)
             elif provider == "triton_full":
                 check(provider, (fn() - ref).abs().max().item(), 1e-4)
-    for provider, fn, nbytes in providers:
-        reps = max(1, args.reps // 3) if provider == "published" and device == "cpu" else args.reps
-        rows.append(
-            measure(
-                OP,
-                provider,
-                fn,
-                shape=shape,
-                dtype=dtype,
-                nbytes=nbytes,
-                device=device,
-                warmup=min(args.warmup, 1) if provider == "published" else args.warmup,
-                reps=reps,
+    if args.interleave:  # one call of each provider per round: load from other processes falls on all of them alike
+        fns = {provider: fn for provider, fn, _ in providers}
+        times = time_interleaved_ms(fns, device, min(args.warmup, 1), args.reps)
+        for provider, fn, nbytes in providers:
+            median = statistics.median(times[provider])
+            rows.append(make_row(OP, provider, median, peak_memory_mb(fn, device), shape=shape, dtype=dtype,
+                                 nbytes=nbytes, device=device))  # fmt: skip
+        for other in ("published", "floor"):
+            mid, lo, hi = spread(times[other], times["reference_query"])
+            print(f"spread {shape}: {other} / reference_query per round {mid:.2f}x (range {lo:.2f}-{hi:.2f}, "
+                  f"{args.reps} rounds)", file=sys.stderr)  # fmt: skip
+    else:
+        for provider, fn, nbytes in providers:
+            reps = max(1, args.reps // 3) if provider == "published" and device == "cpu" else args.reps
+            rows.append(
+                measure(
+                    OP,
+                    provider,
+                    fn,
+                    shape=shape,
+                    dtype=dtype,
+                    nbytes=nbytes,
+                    device=device,
+                    warmup=min(args.warmup, 1) if provider == "published" else args.warmup,
+                    reps=reps,
+                )
             )
-        )
     by = {r.provider: r.median_ms for r in rows if r.shape == shape}
     print(
         f"summary {shape}: reference_query is {by['published'] / by['reference_query']:.1f}x faster than "
@@ -169,10 +188,13 @@ def _bench_shape(args: argparse.Namespace, spec: tuple, triton_ok: bool) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    skip = "--skip-compiled" in (argv if argv is not None else sys.argv[1:])
-    argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--skip-compiled"]
+    argv = list(argv if argv is not None else sys.argv[1:])
+    flags = {flag: flag in argv for flag in ("--skip-compiled", "--interleave", "--no-interleave")}
+    argv = [a for a in argv if a not in flags]
     args = parse_args(__doc__.splitlines()[0], argv)
-    args.skip_compiled = skip
+    args.skip_compiled = flags["--skip-compiled"]
+    # interleaved rounds by default on a CPU (shared and noisy); on a GPU each provider's calls run back to back
+    args.interleave = flags["--interleave"] or (args.device == "cpu" and not flags["--no-interleave"])
     device = args.device
     shapes = CUDA_SHAPES if device == "cuda" else CPU_SHAPES
     if args.quick:

@@ -140,21 +140,43 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int, reps: int) -> fl
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
-    if device.startswith("cuda"):
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = [_one_call_ms(fn, device) for _ in range(reps)]
     return statistics.median(times)
+
+
+def _one_call_ms(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved_ms(
+    fns: dict[str, Callable[[], object]], device: str, warmup: int, reps: int
+) -> dict[str, list[float]]:
+    """Times of ``reps`` rounds, each calling every provider once in turn (after ``warmup`` such rounds), so that load
+    from other processes falls on all providers alike; returns each provider's list of times in ms."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(_one_call_ms(fn, device))
+    return times
+
+
+def spread(times_a: Sequence[float], times_b: Sequence[float]) -> tuple[float, float, float]:
+    """Median, min and max of the per-round ratios ``a / b`` of two interleaved providers."""
+    ratios = sorted(a / b for a, b in zip(times_a, times_b))
+    return statistics.median(ratios), ratios[0], ratios[-1]
 
 
 def _rss_kb(field: str) -> int | None:
@@ -203,8 +225,14 @@ def measure(
     reps: int,
 ) -> Row:
     """Time one provider on one input and return its CSV row (also printed)."""
-    ms = time_ms(fn, device, warmup, reps)
-    mem = peak_memory_mb(fn, device)
+    return make_row(op, provider, time_ms(fn, device, warmup, reps), peak_memory_mb(fn, device), shape=shape,
+                    dtype=dtype, nbytes=nbytes, device=device)  # fmt: skip
+
+
+def make_row(
+    op: str, provider: str, ms: float, mem: float, *, shape: str, dtype: torch.dtype | str, nbytes: int, device: str
+) -> Row:
+    """The CSV row of one provider's median time ``ms`` and peak memory ``mem`` (also printed)."""
     row = Row(
         op=op,
         provider=provider,

@@ -472,11 +472,7 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-#: SMs of the target being reported on: the rollout picks its query-row chain from the batch and this count
-_sm_count = TARGETS["sm_90"].sm_count
-
-
-def _rollout_case(name: str, b: int, h: int, n: int, dtype: torch.dtype, query: str, multipass: bool = False) -> Case:
+def _rollout_case(name: str, b: int, h: int, n: int, dtype: torch.dtype, query: str, chain: str | None = None) -> Case:
     def run(device: str, batch: int) -> object:
         mod = launcher_module("attnselect.kernels.rollout")
         maps = [torch.zeros(batch, h, n, n, dtype=dtype, device=device) for _ in range(2)]
@@ -486,13 +482,13 @@ def _rollout_case(name: str, b: int, h: int, n: int, dtype: torch.dtype, query: 
             rows = torch.zeros(batch, dtype=torch.long, device=device)
         else:  # per-sample EOS positions, as the text encoder's rollout asks for
             rows = torch.arange(batch, device=device) % (n // 2) + n // 2
-        # the chain the target device would take at the real batch (or the multi-pass one, to compare)
-        knobs = {"SAMPLE_MIN_BATCH": _sm_count, **(CHAIN_KNOBS["multipass"] if multipass else {})}
-        with patched(mod, **knobs):
+        # the chain the gate takes on a GPU (whatever the inputs' device), or another one (`chain`), to compare
+        gpu = {"SAMPLE_MIN_BATCH": mod._sample_min_batch(torch.device("cuda"))}
+        with patched(mod, **(CHAIN_KNOBS[chain] if chain else gpu)):
             return mod.rollout_forward(maps, [0.25, 0.25], "mean", "entry0", rows)
 
     label = {"full": "full", "row0": "query row 0", "eos": "query rows EOS"}[query]
-    label += " multipass" if multipass else ""
+    label += f" {chain.replace('_', '-')}" if chain else ""
     return Case("rollout", f"{name} H={h} N={n} L=2 {label}", _dt(dtype), b, run, group=f"{name} {_dt(dtype)}")
 
 
@@ -543,8 +539,8 @@ def cases(quick: bool = False) -> list[Case]:
         ("vit-l14-336", 64, 16, 577, torch.float16, ("full", "row0")),
     ):
         out += [_rollout_case(name, b, h, n, dtype, q) for q in queries]
-        if name == "itself-image":  # the chain this batch takes on the target, and the multi-pass one beside it
-            out.append(_rollout_case(name, b, h, n, dtype, "row0", multipass=True))
+        if name == "itself-image":  # the chain the gate takes (multi-pass) and the per-sample one beside it
+            out.append(_rollout_case(name, b, h, n, dtype, "row0", chain="per_sample"))
     for name, b, n, d, k in (
         ("itself-image", 256, 193, 512, 96),
         ("itself-text", 256, 77, 512, 37),
@@ -636,9 +632,7 @@ def collect(
     """
     import triton
 
-    global _sm_count
     capability, limits = parse_target(target)
-    _sm_count = limits.sm_count
     if inputs not in ("meta", "cpu"):
         raise ValueError(f"inputs must be 'meta' or 'cpu', got {inputs!r}")
     _check_compilable()

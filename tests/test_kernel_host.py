@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import importlib
 import sys
-import types
 
 import pytest
 import torch
@@ -234,23 +233,20 @@ def test_check_errors_drains_every_queue(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_query_chain_choice_follows_n_batch_and_sm_count(monkeypatch: pytest.MonkeyPatch) -> None:
     mod = sys.modules.get("attnselect.kernels.rollout") or importlib.import_module("attnselect.kernels.rollout")
-    props = types.SimpleNamespace(multi_processor_count=132)  # an H100 SXM
-    monkeypatch.setattr(mod, "_sm_counts", {})
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda = torch.device("cuda")
     assert mod.query_chain(256, 77, cuda) == "registers"  # the text tower, whatever the batch
     assert mod.query_chain(1, 128, cuda) == "registers"
-    assert mod.query_chain(256, 193, cuda) == "per-sample"  # a program per sample fills the 132 SMs
-    assert mod.query_chain(132, 193, torch.device("cuda", 0)) == "per-sample"
-    assert mod.query_chain(131, 193, cuda) == "multipass"  # too few samples: each is spread over many programs
-    assert mod.query_chain(64, 577, cuda) == "multipass"
-    assert mod.query_chain(512, 257, cuda) == "multipass"  # beyond SAMPLE_N_MAX
-    assert mod.query_chain(512, 1025, cuda) == "multipass"
-    assert mod._sm_counts == {0: 132}  # asked once per device
-    assert mod.query_chain(8, 193, torch.device("cpu")) == "per-sample"  # the interpreter has no SM count
-    monkeypatch.setattr(mod, "SAMPLE_MIN_BATCH", 1000)
+    # on a GPU the multi-pass chain measured faster than one program per sample at the image shape
     assert mod.query_chain(256, 193, cuda) == "multipass"
+    assert mod.query_chain(4096, 193, torch.device("cuda", 0)) == "multipass"
+    assert mod.query_chain(64, 577, cuda) == "multipass"
+    assert mod.query_chain(512, 1025, cuda) == "multipass"
+    assert mod.query_chain(8, 193, torch.device("cpu")) == "per-sample"  # the interpreter's default
+    monkeypatch.setattr(mod, "SAMPLE_MIN_BATCH", 132)  # switched on for batches of 132 samples or more
+    assert mod.query_chain(256, 193, cuda) == "per-sample"
+    assert mod.query_chain(131, 193, cuda) == "multipass"
+    assert mod.query_chain(512, 257, cuda) == "multipass"  # beyond SAMPLE_N_MAX
+    assert mod.query_chain(256, 193, torch.device("cpu")) == "per-sample"
 
 
 def test_gate_checks_once_and_routes_long_maps_to_the_reference(

@@ -604,7 +604,7 @@ def test_profile_script_splits_every_provider(tmp_path) -> None:
 
 @pytest.mark.kernels
 def test_capture_benchmark_row_block_alternative(device: str) -> None:
-    # bench_capture.py times the one-pass kernel with 64-row blocks beside the default: it must be the capture too
+    # bench_capture.py times the one-pass kernel with each row block beside the default: each must be the capture too
     import importlib
 
     bench = _benchmark_module("bench_capture")
@@ -612,11 +612,13 @@ def test_capture_benchmark_row_block_alternative(device: str) -> None:
     g = _gen(3)
     q, k = (torch.randn(2, 3, 100, 64, generator=g).to(device) for _ in range(2))  # 128-wide key tile
     before = dict(mod.ONEPASS_CONFIG)
-    for causal in (False, True):
-        out = bench._with_config(
-            mod, 128, bench.ROWS64[128], lambda c=causal: K.attention_probs(q, k, scale=0.125, causal=c)
-        )
-        torch.testing.assert_close(out, F.attention_probs(q, k, scale=0.125, causal=causal), rtol=1e-5, atol=1e-6)
+    for config in bench.ROW_BLOCKS[128]:
+        for causal in (False, True):
+            out = bench._with_config(
+                mod, 128, config, lambda c=causal: K.attention_probs(q, k, scale=0.125, causal=c)
+            )
+            expected = F.attention_probs(q, k, scale=0.125, causal=causal)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert mod.ONEPASS_CONFIG == before  # put back
 
 

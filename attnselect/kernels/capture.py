@@ -300,8 +300,10 @@ if triton is not None:
 
 # one-pass kernel: the largest keys x head-dim tile (next powers of two) it takes; above, the two-phase kernel runs
 ONEPASS_MAX_TILE = 512 * 64
-# (query rows per program, warps) by the key tile's width
-ONEPASS_CONFIG = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (32, 8), 512: (16, 8)}
+# (query rows per program, warps) by the key tile's width. 256 keys (ITSELF's image tower, N = 193): 64 rows on 16
+# warps, measured on an H200 (benchmarks/results/capture.csv, two runs) at 0.31 / 0.37 ms against 0.44 / 0.49 ms for
+# 32 rows on 8 warps; 128 keys (the text tower) stay at 32 rows (0.104 / 0.110 ms against 0.124 / 0.126 ms)
+ONEPASS_CONFIG = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (64, 16), 512: (16, 8)}
 
 
 def _onepass_config(keys_pow2: int, rows: int) -> tuple[int, int]:

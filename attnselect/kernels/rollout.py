@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -84,7 +85,10 @@ SMALL_N = 128  # query-row chains up to this N hold a sample's layer in register
 SMALL_WARPS = 16
 SMALL_ROWS = 16
 SAMPLE_N_MAX = 256  # longer query-row chains with at least SAMPLE_MIN_BATCH samples take one program per sample
-SAMPLE_MIN_BATCH: int | None = None  # None: the GPU's SM count (1 on CPU)
+#: smallest batch for the per-sample chain; None: never on a GPU, 1 on a CPU (the interpreter). Measured on an H200
+#: (benchmarks/results/profile.csv, 856b728): at ITSELF's image shape (B = 256, N = 193, two layers, fp16) the
+#: per-sample kernel takes 888 us of device time against the multi-pass chain's 477 us (0.99 vs 0.64 ms a call)
+SAMPLE_MIN_BATCH: int | None = None
 SAMPLE_BLOCK = 4096  # the per-sample kernel's flat tile: 16 values a thread on 8 warps (128 registers, 2 blocks/SM)
 SAMPLE_WARPS = 8
 
@@ -853,9 +857,6 @@ def _small_query_chain(
     return result, flags
 
 
-_sm_counts: dict[int, int] = {}
-
-
 def query_chain(batch: int, n: int, device: torch.device) -> str:
     """Which query-row chain :func:`rollout_forward` runs for ``batch`` samples of ``N = n`` tokens on ``device``.
 
@@ -871,16 +872,12 @@ def query_chain(batch: int, n: int, device: torch.device) -> str:
 
 
 def _sample_min_batch(device: torch.device) -> int:
-    """Smallest batch that takes the per-sample chain: :data:`SAMPLE_MIN_BATCH`, or the GPU's SM count (one program
-    per sample fills the device only from there; smaller batches split each sample over many programs instead)."""
+    """Smallest batch that takes the per-sample chain: :data:`SAMPLE_MIN_BATCH`; by default 1 on a CPU (the
+    interpreter) and never on a GPU (or the offline compile's ``meta`` tensors), where the multi-pass chain measured
+    faster (:data:`SAMPLE_MIN_BATCH`)."""
     if SAMPLE_MIN_BATCH is not None:
         return SAMPLE_MIN_BATCH
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
+    return 1 if device.type == "cpu" else sys.maxsize
 
 
 def _sample_query_chain(
