@@ -179,11 +179,13 @@ class TokenAdapter(nn.Module):
 
 
 def _exclusion_mask(
-    exclude: Any, query_rows: Tensor, batch: int, n: int, device: torch.device, per_sample_query: bool = False
+    exclude: Any, query_rows: Tensor | None, batch: int, n: int, device: torch.device, per_sample_query: bool = False
 ) -> Tensor:
     """Bool ``[B,N]``: True at the positions that are never kept."""
     out = torch.zeros(batch, n, dtype=torch.bool, device=device)
     if exclude is None:
+        if query_rows is None:  # a query mode or row weights: no token is the query
+            return out
         out[torch.arange(batch, device=device), query_rows] = True
         if per_sample_query:  # per-sample summary rows are a text tower's EOS: its SOS (position 0) goes too
             out[:, 0] = True
@@ -250,6 +252,8 @@ class AttentiveBank(nn.Module):
         self.ratio = F._check_ratio(ratio, "ratio")
         self.adapter = adapter
         self.pool = build_pool(pool)
+        #: the :class:`BankOutput` of the latest forward of a host this bank is attached to; None before the first,
+        #: while a forward runs, and after a forward that stopped before the tower's end
         self.last: BankOutput | None = None
 
     def num_tokens(self, n: int, step: int | None = None) -> int:
@@ -263,11 +267,13 @@ class AttentiveBank(nn.Module):
         tokens: Tensor,
         attentions: Mapping[int, Tensor] | Sequence[Tensor],
         *,
-        query: int | Tensor = 0,
+        query: int | str | Tensor = 0,
         valid: Tensor | None = None,
         exclude: Any = None,
         step: int | None = None,
         num_layers: int | None = None,
+        padding: Tensor | None = None,
+        probe: Tensor | None = None,
     ) -> BankOutput:
         """Select, gather, adapt and pool.
 
@@ -275,8 +281,14 @@ class AttentiveBank(nn.Module):
             tokens: ``[B,N,D]`` token features to gather from (e.g. the projected final tokens).
             attentions: per-layer maps (a mapping ``layer -> map`` or the full sequence), see
                 :meth:`MultiLayerRollout.forward`.
-            query: the summary row: 0 (CLS) for images, a LongTensor ``[B]`` of EOS positions for text.
-            valid: optional bool ``[B,N]``, False at padding; invalid tokens are never kept.
+            query: the summary row: 0 (CLS) for images, a LongTensor ``[B]`` of EOS positions for text; for hosts
+                without a class token ``"mean"`` (what all real tokens attend to) or ``"probe"`` (through the host's
+                pooling probe, ``probe=``), or float row weights ``[B,N]``. A mode or weights query has no query
+                token, so nothing is excluded by default.
+            valid: optional bool ``[B,N]``, False at tokens never to keep (text padding); the rollout still sees them.
+            padding: optional bool ``[B,N]``, False at padded positions of variable-resolution inputs (NaFlex): they
+                take no part in the rollout and are never kept.
+            probe: the host's pooling probe's attention ``[B,N]`` for ``query="probe"``.
             exclude: positions never kept: None (the query token; with per-sample ``query`` rows, i.e. a text
                 tower's EOS positions, also SOS at position 0), ints, a LongTensor ``[E]``/``[B,E]`` or a bool
                 ``[B,N]`` mask.
@@ -287,7 +299,8 @@ class AttentiveBank(nn.Module):
         if tokens.dim() != 3:
             raise ValueError(f"tokens must have shape [B,N,D], got {tuple(tokens.shape)}")
         batch, n_tok = tokens.shape[:2]
-        saliency = self.rollout(attentions, query=query, num_layers=num_layers)
+        extra = {k: v for k, v in (("valid", padding), ("probe", probe)) if v is not None}
+        saliency = self.rollout(attentions, query=query, num_layers=num_layers, **extra)
         if saliency.device != tokens.device:
             raise ValueError(
                 f"tokens are on {tokens.device} but the attention maps are on {saliency.device}; put both on one device"
@@ -297,22 +310,30 @@ class AttentiveBank(nn.Module):
                 f"the attention maps give saliency of shape {tuple(saliency.shape)} but tokens are "
                 f"{tuple(tokens.shape)}: maps and tokens must have the same B and N"
             )
-        query_rows = F._check_query(query, batch, n_tok, tokens.device)
-        per_sample = isinstance(query, Tensor) and query.dim() > 0
+        row_query = not isinstance(query, str) and not (
+            isinstance(query, Tensor) and query.is_floating_point() and query.dim() == 2
+        )
+        query_rows = F._check_query(query, batch, n_tok, tokens.device) if row_query else None
+        per_sample = row_query and isinstance(query, Tensor) and query.dim() > 0
         excluded = _exclusion_mask(exclude, query_rows, batch, n_tok, tokens.device, per_sample)
         selectable = ~excluded
-        if valid is not None:
-            F._check_valid(valid, (batch, n_tok), tokens.device, each_row=False)  # rows: checked below
-            selectable = selectable & valid
+        for name, mask in (("valid", valid), ("padding", padding)):
+            if mask is not None:
+                F._check_valid(mask, (batch, n_tok), tokens.device, name=name, each_row=False)  # rows: checked below
+                selectable = selectable & mask
         empty = ~selectable.any(dim=1)
         # one read-back for both (on CUDA each is a wait for the device)
-        fewest_excluded, any_empty = torch.stack([excluded.sum(dim=1).min(), empty.sum()]).tolist()
+        # padding counts as excluded: n is the most real tokens any sample has (text padding, `valid`, does not: n
+        # stays N minus the excluded positions, as the published code counts)
+        counted = excluded if padding is None else excluded | ~padding
+        fewest_excluded, any_empty = torch.stack([counted.sum(dim=1).min(), empty.sum()]).tolist()
         n = n_tok - fewest_excluded
         if n < 1:
             raise ValueError("exclude removes every token: nothing is left to select")
         if any_empty:
-            if valid is not None:
-                F._check_valid(valid, (batch, n_tok), tokens.device)  # names the samples without a valid token
+            for name, mask in (("valid", valid), ("padding", padding)):
+                if mask is not None:  # names the samples without a valid token
+                    F._check_valid(mask, (batch, n_tok), tokens.device, name=name)
             samples = empty.nonzero().flatten().tolist()[:8]
             what = "exclude (default: the query row, and SOS for per-sample query rows)"
             raise ValueError(

@@ -174,32 +174,51 @@ def _load_open_clip(name: str, weights: str | None, kwargs: dict[str, Any]) -> L
         import open_clip
     except ImportError as exc:
         raise CLIError("open_clip is not installed: pip install open_clip_torch") from exc
+    from .hooks.open_clip import hub_download_reason
+
     if name.endswith(".json") or os.path.isfile(name):
         with open(name) as f:
             cfg = json.load(f)
         cfg.update(kwargs)
+        why = hub_download_reason(cfg)
+        if why:
+            raise CLIError(f"{name}: {why}; attnselect never downloads: use a config whose towers build locally")
         model = open_clip.CLIP(**cfg)
         if weights:
             _load_state_dict(model, weights)
     else:
         if name not in open_clip.list_models():
             raise CLIError(f"unknown open_clip model {name!r}; see open_clip.list_models() or pass a config .json")
+        why = hub_download_reason(open_clip.get_model_config(name))
+        if why:
+            raise CLIError(
+                f"open_clip:{name}: {why}; attnselect never downloads. Pick a model whose towers open_clip builds "
+                "from its bundled config (e.g. open_clip:ViT-B-16), or pass a config .json"
+            )
         if weights and not os.path.isfile(weights):
             raise CLIError(f"--weights: no such file {weights!r} (only local weights are loaded)")
         model = open_clip.create_model(name, pretrained=weights or None, **kwargs)
     visual = model.visual
-    n_layers = len(visual.transformer.resblocks)
+    if hasattr(visual, "trunk"):  # a timm trunk (EVA02, PE-Core)
+        n_layers = len(visual.trunk.blocks)
+        has_cls = getattr(visual.trunk, "cls_token", None) is not None
+        prefix = int(visual.trunk.num_prefix_tokens)
+        image_size = _pair(getattr(visual, "image_size", None) or visual.trunk.patch_embed.img_size)
+    else:
+        n_layers = len(visual.transformer.resblocks)
+        has_cls = getattr(visual, "class_embedding", None) is not None
+        prefix = 1 if has_cls else 0
+        image_size = _pair(visual.image_size)
     mean = tuple(getattr(visual, "image_mean", None) or _CLIP_MEAN)
     std = tuple(getattr(visual, "image_std", None) or _CLIP_STD)
-    has_cls = getattr(visual, "class_embedding", None) is not None
     return LoadedModel(
         model=model,
         family="open_clip",
-        image_size=_pair(visual.image_size),
+        image_size=image_size,
         mean=mean,  # type: ignore[arg-type]
         std=std,  # type: ignore[arg-type]
         num_layers=n_layers,
-        num_prefix_tokens=1 if has_cls else 0,
+        num_prefix_tokens=prefix,
         has_cls=has_cls,
         call=lambda m, x: m.encode_image(x),
     )

@@ -389,6 +389,7 @@ def rollout(
     head_fusion: str = "mean",
     protect: str = "entry0",
     query: int | Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Multi-layer attention rollout (MARS).
 
@@ -404,7 +405,14 @@ def rollout(
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` (ignored for ``[B,N,N]`` maps).
         protect: ``"entry0"`` (published behaviour) or ``"none"``; see :func:`discard_lowest`.
         query: None for the full product, or the query row(s): an int, or a LongTensor ``[B]`` of per-sample rows
-            (such as the text EOS position).
+            (such as the text EOS position), or a float ``[B,N]`` of non-negative weights over the query rows (the
+            result is ``w^T R / sum(w)``: uniform weights over the real tokens give what all of them attend to,
+            ``query="mean"`` of :class:`attnselect.MultiLayerRollout`; a pooling probe's attention gives what the
+            host's summary attends to through the layers).
+        valid: optional bool ``[B,N]``, False at padding (variable-resolution inputs). Each sample is then rolled out
+            over its real tokens only, as if the padding did not exist: the discard counts and ranks only the
+            ``n_b x n_b`` entries among real tokens, the residual and the row sums cover those, and padded rows and
+            columns of the result are 0. A query row must be a real token.
 
     Returns:
         ``[B,N,N]`` fp32 rollout (fp64 for fp64 maps), or its query rows ``R[b, query[b], :]`` as ``[B,N]``
@@ -422,10 +430,22 @@ def rollout(
     _check_choice(protect, PROTECT_MODES, "protect")
     batch, n = maps[0].shape[0], maps[0].shape[-1]
     device = maps[0].device
-    rows = None if query is None else _check_query(query, batch, n, device)
+    weights = _query_weights(query, batch, n, device)
+    rows = None if query is None or weights is not None else _check_query(query, batch, n, device)
     dtype = _acc_dtype(*maps)
+    if valid is not None:
+        _check_valid(valid, (batch, n), device)
+        if not bool(valid.all()):
+            return _rollout_padded(maps, ratios, head_fusion, protect, rows, weights, valid)
 
     with torch.set_grad_enabled(torch.is_grad_enabled() and any(a.requires_grad for a in maps)):
+        if weights is not None:  # a distribution over query rows: v = w, then v <- v Â_l from the last layer down
+            v = weights.to(dtype)
+            for attn, ratio in zip(reversed(maps), reversed(ratios)):
+                a, sums = _prepared_layer(attn, ratio, head_fusion, protect, dtype=dtype)
+                w = v / sums
+                v = torch.bmm(w.unsqueeze(1), a).squeeze(1) + w
+            return v
         if rows is None:
             result = torch.eye(n, device=device, dtype=dtype).expand(batch, n, n)
             for attn, ratio in zip(maps, ratios):
@@ -444,6 +464,57 @@ def rollout(
             w = v / sums
             v = torch.bmm(w.unsqueeze(1), a).squeeze(1) + w
         return v
+
+
+def _query_weights(query: object, batch: int, n: int, device: torch.device) -> Tensor | None:
+    """A float ``[B,N]`` query, checked and normalised to sum 1 per sample; None for row indices (or no query)."""
+    if not isinstance(query, Tensor) or not query.is_floating_point() or query.dim() != 2:
+        return None  # row indices (a float [B] is refused as such by _check_query)
+    if query.shape != (batch, n):
+        raise ValueError(f"query weights must have shape [B,N] = {(batch, n)}, got {tuple(query.shape)}")
+    if query.device != device:
+        raise ValueError(f"query weights are on {query.device} but the maps are on {device}")
+    _check_nonnegative_finite(query, "query weights")
+    total = query.sum(dim=1, keepdim=True)
+    if bool((total <= 0).any()):
+        rows = (total.squeeze(1) <= 0).nonzero().flatten().tolist()[:8]
+        raise ValueError(f"query weights sum to 0 in sample(s) {rows}: give each sample some weight")
+    return query / total
+
+
+def _rollout_padded(
+    maps: list[Tensor],
+    ratios: list[float],
+    head_fusion: str,
+    protect: str,
+    rows: Tensor | None,
+    weights: Tensor | None,
+    valid: Tensor,
+) -> Tensor:
+    """:func:`rollout` of each sample over its real tokens only (the rows and columns where ``valid`` is True)."""
+    batch, n = valid.shape
+    dtype = _acc_dtype(*maps)
+    full = rows is None and weights is None
+    out = torch.zeros((batch, n, n) if full else (batch, n), dtype=dtype, device=valid.device)
+    for b in range(batch):
+        idx = valid[b].nonzero().flatten()
+        sub = [m[b : b + 1].index_select(-1, idx).index_select(-2, idx) for m in maps]
+        query: int | Tensor | None = None
+        if weights is not None:
+            query = weights[b : b + 1].index_select(1, idx)
+            if not bool(query.sum() > 0):
+                raise ValueError(f"query weights of sample {b} are 0 at every real token (valid)")
+        elif rows is not None:
+            position = (idx == rows[b]).nonzero()
+            if position.numel() == 0:
+                raise ValueError(f"query row {int(rows[b])} of sample {b} is a padding position (valid is False there)")
+            query = int(position[0, 0])
+        r = rollout(sub, discard_ratio=ratios, head_fusion=head_fusion, protect=protect, query=query)[0]
+        if full:
+            out[b, idx.unsqueeze(1), idx] = r
+        else:
+            out[b, idx] = r
+    return out
 
 
 def layer_statistic(attentions: Sequence[Tensor], stat: str, query: int | Tensor) -> Tensor:

@@ -6,11 +6,12 @@ import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["LAYER_GROUPS", "MultiLayerRollout", "resolve_layers"]
+__all__ = ["LAYER_GROUPS", "QUERY_MODES", "MultiLayerRollout", "resolve_layers", "resolve_query"]
 
 LAYER_GROUPS = ("early", "middle", "late")
 LayerSpec = int | str
@@ -50,6 +51,50 @@ def resolve_layers(spec: LayerSpec | Sequence[LayerSpec], num_layers: int) -> tu
         else:
             raise TypeError(f"layers must hold ints or names {LAYER_GROUPS}, got {type(item).__name__}")
     return tuple(sorted(out))
+
+
+QUERY_MODES = ("mean", "probe")
+
+
+def resolve_query(
+    query: int | str | Tensor | None, like: Tensor, *, valid: Tensor | None = None, probe: Tensor | None = None
+) -> int | Tensor | None:
+    """Turn a query mode into what :func:`attnselect.functional.rollout` takes.
+
+    ``"mean"`` becomes uniform row weights over the real tokens (``valid``, or every token); ``"probe"`` becomes the
+    probe's attention ``[B,N]`` as row weights (padding, where ``valid`` is False, gets none). Row indices, float
+    weights and None pass through.
+
+    Examples:
+        >>> like = torch.zeros(2, 5, 5)  # a map of the batch: B = 2, N = 5
+        >>> valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+        >>> resolve_query("mean", like, valid=valid)  # uniform weights over the real tokens
+        tensor([[1., 1., 1., 1., 1.],
+                [1., 1., 1., 0., 0.]])
+        >>> resolve_query(0, like)
+        0
+    """
+    if not isinstance(query, str):
+        return query
+    if query not in QUERY_MODES:
+        raise ValueError(f"query must be a row index, a LongTensor [B], float weights [B,N] or one of {QUERY_MODES}, "
+                         f"got {query!r}")  # fmt: skip
+    batch, n = like.shape[0], like.shape[-1]
+    if query == "mean":
+        if valid is None:
+            return torch.ones(batch, n, device=like.device, dtype=torch.float32)
+        F._check_valid(valid, (batch, n), like.device)
+        return valid.to(torch.float32)
+    if probe is None:
+        raise ValueError(
+            "query='probe' needs the probe's attention over the tokens (probe=[B,N]; attach captures it from hosts "
+            "with an attention-pooling head)"
+        )
+    F._check_tensor(probe, "probe")
+    if probe.shape != (batch, n):
+        raise ValueError(f"probe must have shape [B,N] = {(batch, n)}, got {tuple(probe.shape)}")
+    weights = probe.to(device=like.device, dtype=torch.float32)
+    return weights if valid is None else weights * valid.to(weights.dtype)
 
 
 class MultiLayerRollout(nn.Module):
@@ -160,24 +205,47 @@ class MultiLayerRollout(nn.Module):
     def forward(
         self,
         attentions: Mapping[int, Tensor] | Sequence[Tensor],
-        query: int | Tensor | None = None,
+        query: int | str | Tensor | None = None,
         num_layers: int | None = None,
+        *,
+        valid: Tensor | None = None,
+        probe: Tensor | None = None,
     ) -> Tensor:
         """Rollout of the chosen layers.
 
         Args:
             attentions: a mapping ``layer index -> map`` or the full per-layer sequence (maps ``[B,H,N,N]`` or
                 ``[B,N,N]``).
-            query: None for the full ``[B,N,N]`` product, or an int / LongTensor ``[B]`` of query rows (-> ``[B,N]``).
+            query: None for the full ``[B,N,N]`` product; an int / LongTensor ``[B]`` of query rows (-> ``[B,N]``);
+                ``"mean"``, the mean of the rollout's rows over the real tokens (what all tokens attend to; hosts
+                without a class token); ``"probe"``, the rollout read through the host's pooling probe: its
+                attention over the tokens (``probe``) weights the rows (SigLIP, AIMv2, timm ``global_pool="map"``);
+                or a float ``[B,N]`` of row weights.
             num_layers: host depth, to resolve named layers against a mapping.
+            valid: optional bool ``[B,N]``, False at padding (variable-resolution inputs): padded tokens take no part
+                in the rollout (see :func:`attnselect.functional.rollout`).
+            probe: the probe's attention ``[B,N]`` over the tokens, for ``query="probe"``
+                (:attr:`attnselect.hooks.AttentionCapture.probe`).
+
+        Examples:
+            >>> maps = [torch.softmax(torch.randn(2, 4, 9, 9), -1) for _ in range(3)]
+            >>> mars = MultiLayerRollout(layers=(1, 2))
+            >>> mars(maps, query="mean").shape  # no class token: what all tokens attend to
+            torch.Size([2, 9])
         """
         maps = self.select(attentions, num_layers)
         if F._integer(query) is not None:  # numpy integers read as Python ints on every path
             query = F._integer(query)
+        query = resolve_query(query, maps[0], valid=valid, probe=probe)
         from . import kernels  # the gate: Triton for CUDA tensors (or TRITON_INTERPRET=1), else the reference
 
         return kernels.rollout(
-            maps, discard_ratio=self.discard_ratio, head_fusion=self.head_fusion, protect=self.protect, query=query
+            maps,
+            discard_ratio=self.discard_ratio,
+            head_fusion=self.head_fusion,
+            protect=self.protect,
+            query=query,
+            valid=valid,
         )
 
     def extra_repr(self) -> str:

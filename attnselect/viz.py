@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,6 +133,7 @@ def _resolve_grid(
     num_prefix_tokens: int,
     name: str,
     image_size: tuple[int, int] | None = None,
+    padded: bool = False,
 ) -> tuple[int, int]:
     num_prefix_tokens = _check_prefix(num_prefix_tokens)
     num_patches = n_tokens - num_prefix_tokens
@@ -139,15 +141,25 @@ def _resolve_grid(
         raise ValueError(f"{name} has {n_tokens} tokens, not more than num_prefix_tokens={num_prefix_tokens}")
     if grid is None:
         if image_size is not None:
-            return infer_grid(num_patches, image_size=image_size)
-        side = math.isqrt(num_patches)
-        if side * side != num_patches:
-            raise ValueError(
-                f"{name}: {num_patches} patches do not form a square grid and there is no image to take the aspect "
-                f"ratio from; pass grid=(rows, cols) (e.g. (24, 8) for a 384x128 crop with 16-pixel patches)"
-            )
-        return side, side
+            guess = infer_grid(num_patches, image_size=image_size)
+            how = f"the image's aspect ratio {image_size[0]}x{image_size[1]}"
+        else:
+            side = math.isqrt(num_patches)
+            if side * side != num_patches:
+                raise ValueError(
+                    f"{name}: {num_patches} patches do not form a square grid and there is no image to take the aspect "
+                    f"ratio from; pass grid=(rows, cols) (e.g. (24, 8) for a 384x128 crop with 16-pixel patches)"
+                )
+            guess, how = (side, side), "a square layout"
+        warnings.warn(
+            f"{name}: no grid given; {num_patches} patches laid out as {guess[0]}x{guess[1]} from {how}. Pass "
+            "grid= (AttentionCapture.grid, or .grids[i] for variable-resolution inputs) to draw the host's own grid",
+            stacklevel=3,
+        )
+        return guess
     rows, cols = _check_grid(grid)
+    if rows * cols < num_patches and padded:  # variable resolution: the real patches first, then padding
+        return rows, cols
     if rows * cols != num_patches:
         raise ValueError(
             f"{name} has {n_tokens} tokens = {num_prefix_tokens} prefix + {num_patches} patches, which does not match "
@@ -189,8 +201,17 @@ def patch_grid_scores(
     s = _as_tensor(saliency, "saliency")
     if s.dim() not in (1, 2):
         raise ValueError(f"saliency must have shape [N] or [B,N], got {tuple(s.shape)}")
-    rows, cols = _resolve_grid(s.shape[-1], grid, num_prefix_tokens, "saliency")
     patches = s.detach()[..., num_prefix_tokens:].float()
+    # a sample of a variable-resolution (NaFlex) batch: its rows x cols real patches come first, then padding, whose
+    # scores a padded rollout leaves at 0
+    rows, cols = _resolve_grid(s.shape[-1], grid, num_prefix_tokens, "saliency", padded=True)
+    if rows * cols < patches.shape[-1]:
+        if bool(patches[..., rows * cols :].any()):
+            raise ValueError(
+                f"saliency has {patches.shape[-1]} patches for grid {rows}x{cols}, and the ones beyond it are not 0 "
+                "(padding): check grid and num_prefix_tokens"
+            )
+        patches = patches[..., : rows * cols]
     return patches.reshape(*s.shape[:-1], rows, cols)
 
 

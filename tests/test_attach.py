@@ -134,8 +134,9 @@ def test_attach_twice_raises_and_detach_removes_everything():
     bank.attach(vit)
     with pytest.raises(RuntimeError, match="already"):
         bank.attach(vit)
-    with pytest.raises(RuntimeError, match="already"):
-        asel.AttentiveBank().attach(vit)
+    second = asel.AttentiveBank()
+    second.attach(vit)  # another bank may share the tower
+    second.detach()
     other = _vit()
     bank.attach(other)  # one bank may serve several hosts
     detach_bank(bank)
@@ -144,18 +145,20 @@ def test_attach_twice_raises_and_detach_removes_everything():
     assert _no_hooks(vit)
 
 
-def test_attach_without_cls_needs_a_query():
+def test_attach_without_cls_defaults_to_the_probe_and_keeps_a_position_query_selectable():
     cfg = transformers.SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
     )
     model = transformers.SiglipVisionModel(cfg).eval()
     bank = asel.AttentiveBank(ratio=0.5)
+    with bank.attach(model) as handle, torch.no_grad():  # SigLIP has no class token: its MAP probe is the query
+        model(torch.randn(2, 3, 32, 32))
+    assert handle.query == "probe" and bank.last.k == 8  # nothing excluded: 16 patches
     with pytest.raises(ValueError, match="class token"):
-        bank.attach(model)
-    with bank.attach(model, query=5, layers=[1, 2]):
-        with torch.no_grad():
-            model(torch.randn(2, 3, 32, 32))
-    assert bank.last.k == 7 and not (bank.last.indices == 5).any()
+        bank.attach(model, query="cls")
+    with bank.attach(model, query=5, layers=[1, 2]), torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert bank.last.k == 8  # position 5 is patch 5: it stays selectable
 
 
 def test_attach_trains_through_the_tokens_and_single_call_under_checkpointing():

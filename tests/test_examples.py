@@ -139,3 +139,17 @@ def test_getting_started_page_runs_as_written(offline, isolated):
     exec(compile("\n".join(blocks), str(page), "exec"), scope)
     assert scope["out"].indices.shape == (2, scope["out"].k)
     assert (isolated / "saliency.png").is_file() and (isolated / "kept.png").is_file()
+
+
+def test_viz_page_first_example_runs_as_written(offline, isolated):
+    """The first Python block of docs/viz.md: the capture's metadata read after the ``with`` block."""
+    import warnings
+
+    page = EXAMPLES.parent / "docs" / "viz.md"
+    block = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)[0]
+    scope: dict = {"__name__": "viz_page"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no grid is guessed: the capture gives it
+        exec(compile(block, str(page), "exec"), scope)
+    assert scope["cap"].grid == (12, 4)
+    assert (isolated / "sal.png").is_file() and (isolated / "kept.png").is_file()

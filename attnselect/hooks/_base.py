@@ -32,6 +32,7 @@ __all__ = [
     "bool_mask_to_bias",
     "class_in_mro",
     "unsupported_reason",
+    "windowed_reason",
 ]
 
 
@@ -45,6 +46,8 @@ class QK:
         scale: multiplier of ``q k^T``.
         bias: additive float mask broadcastable to ``[B,H,Nq,Nk]``, or None.
         causal: block keys after the query position.
+        query_valid: bool ``[B,Nq]``, False at query rows the host never computed (padding removed by a
+            nested-tensor fast path): their rows are 0. None: every row.
 
     Examples:
         >>> from attnselect.functional import attention_probs
@@ -58,6 +61,7 @@ class QK:
     scale: float
     bias: Tensor | None = None
     causal: bool = False
+    query_valid: Tensor | None = None
 
 
 def arg(args: tuple, kwargs: dict, name: str, position: int, default: Any = None) -> Any:
@@ -106,6 +110,37 @@ def _overrides_forward(module: nn.Module, module_prefix: str, qualname: str) -> 
 
 _ROPE_WORDS = ("rope", "rotary")
 
+#: what the capture supports, for the refusals to point to
+SUPPORTED_HOSTS = (
+    "global-attention ViTs: timm VisionTransformer, Eva (EVA02, vit_pe_*, vit_*_dinov3, vit_*_rope_*) and NaFlexVit; "
+    "HF transformers ViT, DeiT, CLIP, SigLIP, SigLIP 2 (NaFlex too), DINOv2, DINOv3, AIMv2, MLCD; open_clip CLIP "
+    "towers, EVA02 and PE-Core"
+)
+
+# windowed or hierarchical towers, by a word of their attention (or block) class names and their module
+_WINDOWED: tuple[tuple[str, str, str], ...] = (
+    ("Swin", "", "Swin / Swin V2 attend inside (shifted) local windows of a hierarchical feature map that is merged "
+     "between stages"),
+    ("Hiera", "", "Hiera attends inside mask units (local windows) of a hierarchical tower whose stages pool tokens"),
+    ("MaskUnitAttention", "timm.", "Hiera attends inside mask units (local windows) of a hierarchical tower whose "
+     "stages pool tokens"),
+    ("WindowAttention", "timm.", "windowed (Swin-style) attention attends inside local windows of a hierarchical "
+     "feature map"),
+    ("SamVision", "", "the SAM / ViTDet image encoder attends inside local windows in most blocks (with relative "
+     "position terms), so its blocks share no global token grid"),
+    ("", "timm.models.vision_transformer_sam", "the SAM / ViTDet image encoder attends inside local windows in most "
+     "blocks (with relative position terms), so its blocks share no global token grid"),
+)  # fmt: skip
+
+
+def windowed_reason(module: nn.Module) -> str | None:
+    """Why a windowed or hierarchical attention module has no global map to capture, or None."""
+    name, mod = type(module).__name__, type(module).__module__
+    for word, prefix, why in _WINDOWED:
+        if (not word or word in name) and mod.startswith(prefix) and ("ttention" in name or not word):
+            return f"{name}: {why}. There is no global token grid whose attention a rollout could follow"
+    return None
+
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a known attention type cannot be captured by the generic adapters (None when there is no known reason)."""
@@ -116,13 +151,31 @@ def unsupported_reason(module: nn.Module) -> str | None:
             f"{name} is a ToMe-patched attention (token merging): it adds a log(size) bias and the token count "
             "shrinks per layer, so a recomputed map would be wrong"
         )
-    if any(w in lname for w in _ROPE_WORDS) or name == "EvaAttention":
-        return f"{name} applies rotary position embeddings to q and k inside the module; recomputed maps would be wrong"
+    windowed = windowed_reason(module)
+    if windowed is not None:
+        return f"{windowed}; it is not supported. Supported: {SUPPORTED_HOSTS}"
+    rotary_handled = (
+        class_in_mro(module, "timm.models.eva", "EvaAttention")
+        or class_in_mro(module, "timm.layers.", "AttentionRope")
+        or (type(module).__module__.startswith("transformers.") and name in ROTARY_HF)
+    )
+    if not rotary_handled and any(w in lname for w in _ROPE_WORDS):
+        return (
+            f"{name} applies rotary position embeddings to q and k inside the module in a way attnselect does not "
+            f"reproduce; recomputed maps would be wrong (supported rotary hosts: {SUPPORTED_HOSTS})"
+        )
     mod = type(module).__module__
     if name == "Attention" and mod.startswith("timm.") and not mod.startswith("timm.layers"):
         return (
             f"{mod}.{name} is a model-specific timm attention, not timm.layers.Attention (it may add relative "
             "position biases, windows or other terms), so it is not captured"
+        )
+    if getattr(module, "continuous_position_bias_mlp", None) is not None or (
+        getattr(module, "logit_scale", None) is not None and hasattr(module, "query")
+    ):
+        return (
+            f"{name} uses cosine attention with a learned position-bias network (Swin V2); recomputed maps would be "
+            "wrong, so it is not captured"
         )
     rel = getattr(module, "relative_position_bias", None)
     attention = any(hasattr(module, a) for a in ("q_proj", "query", "qkv"))
@@ -142,6 +195,10 @@ def unsupported_reason(module: nn.Module) -> str | None:
                 "from the parent's, so it is not captured"
             )
     return None
+
+
+#: transformers attention classes whose rotary embedding the HF adapter applies with the model file's own helper
+ROTARY_HF = ("DINOv3ViTAttention", "MLCDAttention")
 
 
 class AttentionAdapter:
@@ -205,6 +262,8 @@ class MultiheadAttentionAdapter(AttentionAdapter):
     def qk(cls, module: nn.Module, args: tuple, kwargs: dict) -> QK:
         query = arg(args, kwargs, "query", 0)
         key = arg(args, kwargs, "key", 1, query)
+        if getattr(query, "is_nested", False):
+            return cls._nested(module, query, key)
         if module.batch_first is False and query.dim() == 3:
             query, key = query.transpose(0, 1), key.transpose(0, 1)
         if query.dim() == 2:  # unbatched [L,E]
@@ -236,6 +295,20 @@ class MultiheadAttentionAdapter(AttentionAdapter):
         causal = bool(kwargs.get("is_causal", False)) and attn_mask is None
         return QK(q=q, k=k, scale=head_dim**-0.5, bias=bias, causal=causal)
 
+    @classmethod
+    def _nested(cls, module: nn.Module, query: Tensor, key: Tensor) -> QK:
+        """``nn.TransformerEncoder``'s nested-tensor fast path (eval, no grad, ``src_key_padding_mask``): the layers
+        get a nested tensor of each sample's real tokens and no mask. Padded back to the longest sample, with the
+        keys beyond each sample's length blocked; the rows of padding, which the host never computes, are 0."""
+        lengths = torch.tensor([t.shape[0] for t in query.unbind()], device=query.device)
+        dense_q = torch.nested.to_padded_tensor(query, 0.0)
+        dense_k = dense_q if key is query else torch.nested.to_padded_tensor(key, 0.0)
+        longest = dense_q.shape[1]
+        real = torch.arange(longest, device=query.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B,L]
+        out = cls.qk(module, (dense_q, dense_k, dense_k), {"key_padding_mask": ~real})  # nested inputs: batch first
+        out.query_valid = real
+        return out
+
 
 @dataclass
 class TowerSpec:
@@ -262,6 +335,10 @@ class TowerSpec:
             for towers pooled at the first/last position (BERT-style ``[CLS]`` towers, open_clip
             ``pool_type="first"|"last"``), where every non-padding token is valid.
         pad_id: the padding token id, used for ``valid`` when ``valid_through_eos`` is False.
+        probe: the attention module of the tower's pooling probe (MAP head), or None.
+        probe_adapter: the adapter that rebuilds the probe's queries (the latents) and keys (the tokens).
+        default_query: the summary the bank's rollout reads when ``attach`` gets no ``query``: ``"cls"``,
+            ``"eos"``, ``"probe"`` or ``"mean"``.
 
     Examples:
         >>> from torch import nn
@@ -288,6 +365,20 @@ class TowerSpec:
     aux_hooks: Sequence[tuple[nn.Module, Callable[[Any, Any], None]]] = field(default_factory=tuple)
     valid_through_eos: bool = True
     pad_id: int | None = None
+    probe: nn.Module | None = None
+    probe_adapter: Any = None
+    default_query: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.default_query is None:
+            if self.tower == "text":
+                self.default_query = "eos"
+            elif self.cls_index is not None:
+                self.default_query = "cls"
+            elif self.probe is not None:
+                self.default_query = "probe"
+            else:
+                self.default_query = "mean"
 
     @property
     def modality(self) -> str:

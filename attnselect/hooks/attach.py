@@ -2,14 +2,16 @@
 
 ``bank.attach(model)`` captures the bank rollout's layers and, when the tower's forward ends (``model(x)``,
 open_clip ``encode_image``/``encode_text``, HF ``get_image_features``/``get_text_features``: the trigger is a hook on
-the tower itself, so every entry point works), stores ``bank(tokens, maps, ...)`` in ``bank.last``. Query row: CLS
-for images, the per-sample summary position for text (EOS for causal CLIP towers, the first token for BERT-style
-towers); excluded: the query token, the register and detection (YOLOS) tokens of an image tower, and the start token
-for text; valid: not padding.
+the tower itself, so every entry point works), stores ``bank(tokens, maps, ...)`` in ``bank.last``. Query: the class
+token for images that have one, the per-sample summary position for text (EOS for causal CLIP towers, the first token
+for BERT-style towers), the pooling probe (``"probe"``) or the mean over real tokens (``"mean"``) for towers without
+a class token; excluded: the prefix tokens (CLS, registers, distillation) and detection (YOLOS) tokens of an image
+tower, the query and start tokens of text; valid: not padding.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -21,19 +23,34 @@ from .capture import AttentionCapture, resolve_tower
 
 __all__ = ["AttachHandle", "attach_bank", "detach_bank"]
 
-# host model -> {tower: weak reference to its AttachHandle}. Weak on both sides: the registry never keeps a host
-# or a handle alive; the bank owns its handles.
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, dict[str, weakref.ref]] = weakref.WeakKeyDictionary()
-_BANK_ATTR = "_attached_handles"
+logger = logging.getLogger(__name__)
+
+# bank -> the handles it placed (weak on the bank: a bank that is garbage collected takes nothing with it; a copy of
+# a bank is attached nowhere)
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, list[AttachHandle]] = weakref.WeakKeyDictionary()
+
+
+def _pad_probe(probe: Tensor, n: int) -> Tensor:
+    """The probe's attention over all ``n`` tokens: a pool that skips the prefix tokens (timm ViT and NaFlexVit
+    ``global_pool="map"``) attends to the last ``probe.shape[1]`` tokens, so the prefix gets 0."""
+    missing = n - probe.shape[1]
+    if missing == 0:
+        return probe
+    if missing < 0:
+        raise RuntimeError(f"the pooling probe attends to {probe.shape[1]} tokens but the tower has {n}")
+    return torch.cat([probe.new_zeros(probe.shape[0], missing), probe], dim=1)
 
 
 class AttachHandle:
     """The hooks one bank placed on one host tower.
 
     Attributes:
-        bank: the attached bank; ``bank.last`` holds the :class:`attnselect.BankOutput` of the latest forward.
+        bank: the attached bank; ``bank.last`` holds the :class:`attnselect.BankOutput` of the latest forward (in the
+            calling thread), or None while a forward runs and after a forward that stopped before the tower's end.
         capture: the :class:`attnselect.hooks.AttentionCapture` feeding it (maps, tokens, layout metadata).
         tower: ``"vision"`` or ``"text"``.
+        query: the summary the rollout reads: an int or LongTensor row, a callable, ``"cls"``, ``"eos"``,
+            ``"probe"`` or ``"mean"`` (the host family's default when ``attach`` got none).
 
     Examples:
         >>> from timm.models.vision_transformer import VisionTransformer
@@ -52,8 +69,10 @@ class AttachHandle:
         self.capture = capture
         self.tower = capture.tower
         self._model_ref = weakref.ref(model)
-        self._query = query
+        self.query = query if query is not None else capture._spec.default_query
         self._num_layers = capture.num_layers if not layers_given or self._rollout_in(capture) else None
+        self._warned = False
+        capture.add_start_callback(self._on_start)
         capture.add_callback(self._on_forward)
 
     def _rollout_in(self, capture: AttentionCapture) -> bool:
@@ -73,17 +92,20 @@ class AttachHandle:
         """Whether the hooks are still installed."""
         return self.capture.active
 
-    def _query_for(self, capture: AttentionCapture) -> int | Tensor:
-        query = self._query
+    def _query_for(self, capture: AttentionCapture) -> int | str | Tensor:
+        query = self.query
         if callable(query):
-            return query(capture)
-        if query is not None:
-            return query
-        if capture.modality == "text":
+            query = query(capture)
+        if query == "cls":
+            return capture.cls_index
+        if query == "eos":
             if capture.eos_index is None:
                 raise RuntimeError("the text tower ran without token ids: cannot find the EOS query row")
             return capture.eos_index
-        return capture.cls_index
+        return query
+
+    def _on_start(self, capture: AttentionCapture) -> None:
+        self.bank.last = None  # never the previous batch's selection, whatever happens to this forward
 
     def _on_forward(self, capture: AttentionCapture) -> None:
         if capture.tokens is None:
@@ -91,47 +113,57 @@ class AttachHandle:
                 f"{capture.family} {capture.tower} tower: no final tokens were found for the bank to select from"
             )
         query = self._query_for(capture)
+        batch, n_tok, _ = capture.tokens.shape
+        device = capture.tokens.device
+        row_query = not isinstance(query, str) and not (
+            isinstance(query, Tensor) and query.is_floating_point() and query.dim() == 2
+        )
         exclude = None
+        extra: dict[str, Any] = {}
         if capture.modality == "text":
-            batch = capture.tokens.shape[0]
-            device = capture.tokens.device
             rows = torch.as_tensor(query, dtype=torch.long, device=device).reshape(-1, 1).expand(batch, 1)
             if capture.sos_index is not None:
                 rows = torch.cat([torch.full_like(rows, capture.sos_index), rows], dim=1)
             exclude = rows
-        elif (capture.num_prefix_tokens or 0) > (0 if capture.cls_index is None else 1) or (
-            capture.num_suffix_tokens or 0
-        ) > 0:
-            # register tokens (DINOv2-with-registers, timm reg_tokens) and tokens after the patch grid (YOLOS
-            # detection tokens) are never kept, like the CLS token
-            batch, n_tok, _ = capture.tokens.shape
-            device = capture.tokens.device
-            prefix = torch.arange(capture.num_prefix_tokens, device=device)
-            suffix = torch.arange(n_tok - capture.num_suffix_tokens, n_tok, device=device)
-            fixed = torch.cat([prefix, suffix]).expand(batch, -1)
-            rows = torch.as_tensor(query, dtype=torch.long, device=device).reshape(-1, 1).expand(batch, 1)
-            exclude = torch.cat([fixed, rows], dim=1)
+        else:
+            # prefix tokens (CLS, registers, distillation) and tokens after the patch grid (YOLOS detection tokens)
+            # are never kept; nor is the query row when it is the class token. A position index on a tower without
+            # one is a real patch: it stays selectable, and the first forward says so.
+            fixed = list(range(capture.num_prefix_tokens)) + list(range(n_tok - capture.num_suffix_tokens, n_tok))
+            positions = torch.tensor(fixed, dtype=torch.long, device=device).expand(batch, -1)
+            if row_query and capture.cls_index is not None:
+                rows = torch.as_tensor(query, dtype=torch.long, device=device).reshape(-1, 1).expand(batch, 1)
+                positions = torch.cat([positions, rows], dim=1)
+            elif row_query and not self._warned:
+                self._warned = True
+                logger.warning(
+                    "%s has no class token: query=%s reads the rollout at a patch, which stays selectable (pass "
+                    "exclude= to the bank yourself, or query='mean' / 'probe')",
+                    capture.family,
+                    query if not isinstance(query, Tensor) else "a tensor",
+                )
+            exclude = positions
+            if capture.valid is not None:
+                extra["padding"] = capture.valid
+            if isinstance(query, str) and query == "probe":
+                if capture.probe is None:
+                    raise RuntimeError("query='probe' but the pooling probe did not run in this forward")
+                extra["probe"] = _pad_probe(capture.probe, n_tok)
         self.bank.last = self.bank(
             capture.tokens,
             capture.maps,
             query=query,
-            valid=capture.valid,
+            valid=capture.valid if capture.modality == "text" else None,
             exclude=exclude,
             num_layers=self._num_layers,
+            **extra,
         )
 
     def remove(self) -> None:
-        """Remove the hooks; the host is left exactly as it was. Idempotent."""
+        """Remove the hooks (other consumers of the tower keep theirs); the host is left exactly as it was once
+        the last one goes. Idempotent."""
         self.capture.remove()
-        model = self._model_ref()
-        if model is not None and model in _ATTACHED:
-            towers = _ATTACHED[model]
-            ref = towers.get(self.tower)
-            if ref is not None and ref() is self:
-                del towers[self.tower]
-            if not towers:
-                del _ATTACHED[model]
-        handles = getattr(self.bank, _BANK_ATTR, None)
+        handles = _HANDLES.get(self.bank)
         if handles is not None and self in handles:
             handles.remove(self)
 
@@ -145,7 +177,8 @@ class AttachHandle:
         model = self._model_ref()
         name = type(model).__name__ if model is not None else "<collected>"
         state = "active" if self.active else "removed"
-        return f"AttachHandle({name}, tower={self.tower!r}, layers={self.capture.layers}, {state})"
+        layers = self.capture.layers
+        return f"AttachHandle({name}, tower={self.tower!r}, layers={layers}, query={self.query!r}, {state})"
 
 
 def attach_bank(
@@ -153,26 +186,31 @@ def attach_bank(
     model: nn.Module,
     *,
     layers: Any = None,
-    query: int | Tensor | Callable[[AttentionCapture], Any] | None = None,
+    query: int | str | Tensor | Callable[[AttentionCapture], Any] | None = None,
     tower: str | None = None,
 ) -> AttachHandle:
     """Attach ``bank`` to a host tower so that after each forward ``bank.last`` holds that forward's BankOutput.
+
+    Several banks (with their own layers, rollouts and ratios) and user captures may share one tower: the union of
+    their layers is captured once per forward and each gets its own maps.
 
     Args:
         bank: an :class:`attnselect.AttentiveBank` (or any module with the same ``forward`` signature).
         model: the host (HF transformers, open_clip, timm; see :func:`attnselect.hooks.capture_attention`).
         layers: layers to capture; None takes ``bank.rollout.layers`` (resolved against the host depth).
-        query: the summary row: None for CLS (images) / the per-sample summary position (text), an int, a
-            LongTensor ``[B]`` or a callable ``capture -> int | LongTensor``.
+        query: the summary the rollout reads. None takes the host family's default: the class token where there is
+            one, the per-sample summary position for text (EOS for causal CLIP towers, the first token for BERT-style
+            towers), ``"probe"`` for towers pooled by an attention probe without a class token (SigLIP, SigLIP 2,
+            AIMv2, timm ``global_pool="map"``), else ``"mean"``. Also an int, a LongTensor ``[B]``, ``"cls"``,
+            ``"eos"``, ``"mean"``, ``"probe"`` or a callable ``capture -> one of those``.
         tower: ``"vision"`` (default) or ``"text"`` for dual encoders.
 
     Returns:
         An :class:`AttachHandle` (``remove()``, context manager).
 
     Raises:
-        RuntimeError: this tower of ``model`` already has a bank attached, or ``bank`` is already attached to
-            ``model``.
-        ValueError: no layers to capture, or an image tower without class token and no ``query``.
+        RuntimeError: ``bank`` is already attached to this tower of ``model``.
+        ValueError: no layers to capture, or ``query="probe"`` on a tower without a pooling probe.
         TypeError: ``model`` is not a known host (its final tokens cannot be located).
 
     Examples:
@@ -191,38 +229,41 @@ def attach_bank(
             f"{type(model).__name__} is not a known HF transformers, open_clip or timm host: its final tokens "
             "cannot be located for the bank (use capture_attention and call the bank yourself)"
         )
-    towers = _ATTACHED.get(model, {})
-    live = {t: r() for t, r in towers.items() if r() is not None and r().active}
-    if spec.tower in live:
-        raise RuntimeError(
-            f"{type(model).__name__} ({spec.tower} tower) already has a bank attached; remove its handle first"
-        )
-    if any(h.bank is bank for h in live.values()):
-        raise RuntimeError(f"this bank is already attached to {type(model).__name__}; use one bank per tower")
+    for handle in _HANDLES.get(bank, ()):
+        if handle.active and handle._model_ref() is model and handle.tower == spec.tower:
+            raise RuntimeError(
+                f"this bank is already attached to {type(model).__name__} ({spec.tower} tower); remove that handle "
+                "first, or attach another bank"
+            )
     layers_given = layers is not None
     if layers is None:
         layers = getattr(getattr(bank, "rollout", None), "layers", None)
         if layers is None:
             raise ValueError("layers=None needs a bank whose rollout has `.layers`; pass layers= explicitly")
-    if query is None and spec.modality == "image" and spec.cls_index is None:
+    mode = query if query is not None else spec.default_query
+    if isinstance(mode, str) and mode not in ("cls", "eos", "probe", "mean"):
         raise ValueError(
-            f"{type(model).__name__} has no class token: pass query= (a token index or a callable) to attach"
+            f"query must be an int, a LongTensor, 'cls', 'eos', 'mean', 'probe' or a callable, got {mode!r}"
+        )
+    if mode == "cls" and spec.cls_index is None:
+        raise ValueError(f"query='cls' but {type(model).__name__} has no class token (try 'mean' or 'probe')")
+    if mode == "eos" and spec.modality != "text":
+        raise ValueError("query='eos' is for text towers")
+    if mode == "probe" and spec.probe is None:
+        raise ValueError(
+            f"query='probe' but {type(model).__name__} ({spec.tower} tower) has no attention-pooling probe "
+            "(SigLIP, SigLIP 2, AIMv2 and timm global_pool='map' towers have one); use 'mean'"
         )
     fusion = getattr(getattr(bank, "rollout", None), "head_fusion", None)
     capture = AttentionCapture(
-        model, layers, head_fusion=fusion if fusion in ("mean", "max", "min") else None, tower=tower
+        model,
+        layers,
+        head_fusion=fusion if fusion in ("mean", "max", "min") else None,
+        tower=tower,
+        probe=mode == "probe",
     )
     handle = AttachHandle(bank, model, capture, query, layers_given)
-    live_refs = {t: weakref.ref(h) for t, h in live.items()}
-    live_refs[capture.tower] = weakref.ref(handle)
-    _ATTACHED[model] = live_refs
-    handles = getattr(bank, _BANK_ATTR, None)
-    if handles is None:
-        handles = []
-        object.__setattr__(bank, _BANK_ATTR, handles)
-    handles.append(handle)
-    if not hasattr(bank, "last"):
-        bank.last = None
+    _HANDLES.setdefault(bank, []).append(handle)
     return handle
 
 
@@ -241,5 +282,5 @@ def detach_bank(bank: nn.Module) -> None:
         >>> handle.active
         False
     """
-    for handle in list(getattr(bank, _BANK_ATTR, ()) or ()):
+    for handle in list(_HANDLES.get(bank, ())):
         handle.remove()

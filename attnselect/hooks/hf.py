@@ -16,14 +16,34 @@ the token set (GroupViT) are rejected.
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._base import QK, AttentionAdapter, TowerSpec, arg, bool_mask_to_bias, class_in_mro, last_hidden_state, pair
+from ._base import (
+    QK,
+    ROTARY_HF,
+    SUPPORTED_HOSTS,
+    AttentionAdapter,
+    MultiheadAttentionAdapter,
+    TowerSpec,
+    arg,
+    bool_mask_to_bias,
+    class_in_mro,
+    last_hidden_state,
+    pair,
+    windowed_reason,
+)
 
-__all__ = ["HFAttentionAdapter", "HFLegacyAttentionAdapter", "is_hf_model", "resolve_hf"]
+__all__ = [
+    "HFAttentionAdapter",
+    "HFAttentionPoolingHeadAdapter",
+    "HFLegacyAttentionAdapter",
+    "is_hf_model",
+    "resolve_hf",
+]
 
 _ROTARY_KWARGS = ("position_embeddings", "rotary_pos_emb", "rope", "freqs_cis")
 
@@ -79,17 +99,48 @@ class HFAttentionAdapter(AttentionAdapter):
 
     @classmethod
     def qk(cls, module: nn.Module, args: tuple, kwargs: dict) -> QK:
-        _check_no_rotary(module, kwargs)
+        name = type(module).__name__
+        if name not in ROTARY_HF:
+            _check_no_rotary(module, kwargs)
         hidden = arg(args, kwargs, "hidden_states", 0)
-        mask = arg(args, kwargs, "attention_mask", 1)
+        mask = arg(args, kwargs, "attention_mask", 1 if name != "MLCDAttention" else 2)
         batch, n = hidden.shape[:2]
-        q = module.q_proj(hidden).view(batch, n, -1, module.head_dim).transpose(1, 2)
-        k = module.k_proj(hidden).view(batch, n, -1, module.head_dim).transpose(1, 2)
+        q = module.q_proj(hidden).view(batch, n, -1, module.head_dim)
+        k = module.k_proj(hidden).view(batch, n, -1, module.head_dim)
+        rope = sys.modules[type(module).__module__]  # the model file's own rotary helper, as the module calls it
+        if name == "MLCDAttention":  # 2-D RoPE on every token, class token included, on [B,N,H,d]
+            cos, sin = arg(args, kwargs, "position_embeddings", 1)
+            q, k = rope.apply_rotary_pos_emb_vision(q, k, cos.unsqueeze(0).float(), sin.unsqueeze(0).float())
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if name == "DINOv3ViTAttention":  # RoPE on the patches only: the helper skips the CLS and register tokens
+            cos, sin = arg(args, kwargs, "position_embeddings", 2)
+            q, k = rope.apply_rotary_pos_emb(q, k, cos, sin)
         scale = getattr(module, "scale", None)
         if scale is None:
             scale = module.scaling
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         return QK(q=q, k=k, scale=float(scale), bias=_mask_bias(mask), causal=causal)
+
+
+class HFAttentionPoolingHeadAdapter(AttentionAdapter):
+    """AIMv2's attention-pooling head (``Aimv2AttentionPoolingHead``): its ``cls_token`` (per head) is the query, the
+    tokens through ``k_proj`` the keys, SDPA's default scale and no mask."""
+
+    name = "transformers Aimv2AttentionPoolingHead"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return _from_transformers(module) and hasattr(module, "cls_token") and hasattr(module, "k_proj")
+
+    @classmethod
+    def qk(cls, module: nn.Module, args: tuple, kwargs: dict) -> QK:
+        hidden = arg(args, kwargs, "hidden_states", 0)
+        batch, n, width = hidden.shape
+        heads = module.num_heads
+        head_dim = width // heads
+        k = module.k_proj(hidden).reshape(batch, n, heads, head_dim).transpose(1, 2)
+        q = module.cls_token.expand(batch, -1, -1).reshape(batch, 1, heads, head_dim).transpose(1, 2)
+        return QK(q=q, k=k, scale=head_dim**-0.5)
 
 
 class HFLegacyAttentionAdapter(AttentionAdapter):
@@ -174,6 +225,9 @@ def is_hf_model(model: nn.Module) -> bool:
 
 
 def _is_text(sub: nn.Module) -> bool:
+    main = getattr(sub, "main_input_name", "")
+    if main in ("input_ids", "pixel_values"):  # before input_modalities, which some text towers inherit wrongly
+        return main == "input_ids"
     modalities = getattr(sub, "input_modalities", None)
     if modalities is not None and not isinstance(modalities, str):
         modalities = tuple(modalities)
@@ -229,15 +283,20 @@ def _text_eos(sub: nn.Module, first_token: bool):
 
 
 def _check_vision_tower(model: nn.Module, sub: nn.Module) -> None:
-    """Reject hierarchical vision towers whose token set changes between stages (GroupViT)."""
+    """Reject vision towers without one global token grid: hierarchical towers whose stages change the token set
+    (GroupViT), and windowed ones (Swin, Hiera, the SAM image encoder), naming the reason."""
     for m in sub.modules():
-        if isinstance(getattr(m, "stages", None), nn.ModuleList):
+        if type(m).__name__.startswith("GroupViT") and isinstance(getattr(m, "stages", None), nn.ModuleList):
             raise TypeError(
                 f"{type(model).__name__}: the vision tower {type(sub).__name__} is hierarchical ({type(m).__name__}"
                 ".stages): each stage appends or merges tokens (GroupViT group tokens and grouping blocks), so its "
                 "attention maps do not share one token set and cannot be stacked as layers; it is not supported"
                 + (" (tower='text' is)" if hasattr(model, "text_model") else "")
+                + f". Supported: {SUPPORTED_HOSTS}"
             )
+        reason = windowed_reason(m)
+        if reason is not None:
+            raise TypeError(f"{type(model).__name__}: {reason}; it is not supported. Supported: {SUPPORTED_HOSTS}")
 
 
 def _has_batch_norm(proj: Any) -> bool:
@@ -260,6 +319,8 @@ def resolve_hf(model: nn.Module, tower: str | None) -> TowerSpec | None:
         sub, proj = model.vision_model, model.visual_projection  # CLIPVisionModelWithProjection
     elif hasattr(model, "text_model") and hasattr(model, "text_projection"):
         sub, proj = model.text_model, model.text_projection  # CLIPTextModelWithProjection
+    elif _embeddings(model) is not None:  # the model itself embeds its inputs (DINOv3ViTModel: base_model is its
+        sub = model  # encoder, which has no embeddings)
     else:
         base = getattr(model, "base_model", model)  # e.g. ViTForImageClassification -> its ViTModel
         sub = base if isinstance(base, nn.Module) else model
@@ -310,11 +371,24 @@ def resolve_hf(model: nn.Module, tower: str | None) -> TowerSpec | None:
     _check_vision_tower(model, sub)
 
     def read_image(args: tuple, kwargs: dict) -> dict:
-        return {"pixels": arg(args, kwargs, "pixel_values", 0)}
+        out = {"pixels": arg(args, kwargs, "pixel_values", 0)}
+        patch_valid = arg(args, kwargs, "pixel_attention_mask", 1)  # SigLIP 2 NaFlex: 1 at real patches
+        shapes = arg(args, kwargs, "spatial_shapes", 2)  # each sample's (rows, cols)
+        if isinstance(shapes, Tensor) and shapes.dim() == 2:
+            out["grids"] = shapes
+        if isinstance(patch_valid, Tensor) and patch_valid.dim() == 2:
+            out["patch_valid"] = patch_valid
+        return out
 
     has_cls = _has_cls(sub)
     registers = int(getattr(cfg, "num_register_tokens", 0) or 0)
     patch = getattr(cfg, "patch_size", None)
+    head = getattr(sub, "head", None) if getattr(sub, "use_head", True) else None
+    probe, probe_adapter = None, None
+    if isinstance(getattr(head, "attention", None), nn.MultiheadAttention):  # SigLIP / SigLIP 2 MAP head
+        probe, probe_adapter = head.attention, MultiheadAttentionAdapter
+    elif isinstance(head, nn.Module) and HFAttentionPoolingHeadAdapter.matches(head):  # AIMv2
+        probe, probe_adapter = head, HFAttentionPoolingHeadAdapter
     return TowerSpec(
         family="hf",
         tower="vision",
@@ -327,4 +401,6 @@ def resolve_hf(model: nn.Module, tower: str | None) -> TowerSpec | None:
         num_suffix_tokens=_suffix(sub),
         cls_index=0 if has_cls else None,
         patch_size=pair(patch) if patch is not None else None,
+        probe=probe,
+        probe_adapter=probe_adapter,
     )

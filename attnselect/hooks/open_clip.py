@@ -8,7 +8,12 @@ as ``attn_mask``). Blocks built with ``qk_norm``, scaled cosine attention and th
 
 Towers: ``CLIP`` / ``CustomTextCLIP`` (``tower="vision"|"text"``), or a ``VisionTransformer`` / ``TextTransformer``
 passed directly. Final tokens are what ITSELF uses: ``ln_post`` then ``proj`` on all image tokens, ``ln_final``
-then ``text_projection`` on all text positions.
+then ``text_projection`` on all text positions. Vision towers built on a timm model (``TimmModel``: EVA02, PE-Core)
+are captured through their timm trunk (:func:`attnselect.hooks.timm.timm_spec`), their tokens projected by the
+trunk's head. Text towers built on a transformers model (``HFTextEncoder``) are refused: capture the wrapped model.
+
+open_clip builds some towers from the Hugging Face hub (``hf_model_name``: ``AutoConfig.from_pretrained``) or with
+pretrained timm weights; :func:`hub_download_reason` names them, so that nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch import Tensor, nn
 
 from ._base import QK, AttentionAdapter, TowerSpec, arg, bool_mask_to_bias, class_in_mro, pair, project
 
-__all__ = ["OpenClipAttentionAdapter", "is_open_clip_model", "resolve_open_clip"]
+__all__ = ["OpenClipAttentionAdapter", "hub_download_reason", "is_open_clip_model", "resolve_open_clip"]
 
 
 class OpenClipAttentionAdapter(AttentionAdapter):
@@ -134,6 +139,44 @@ def _text_spec(owner: nn.Module, *, pool_type: str, eos_id: int | None) -> Tower
     )
 
 
+def hub_download_reason(cfg: dict | None) -> str | None:
+    """Why building an open_clip model from ``cfg`` (its model config dict) would download, or None."""
+    if not cfg:
+        return None
+    for tower in ("text_cfg", "vision_cfg"):
+        sub = cfg.get(tower) or {}
+        if sub.get("hf_model_name"):
+            return (
+                f"its {tower[:-4]} tower is the Hugging Face model {sub['hf_model_name']!r}, which open_clip builds "
+                "with transformers' AutoConfig.from_pretrained (a download from the model hub)"
+            )
+        if sub.get("timm_model_pretrained"):
+            return f"its {tower[:-4]} tower loads pretrained timm weights ({sub.get('timm_model_name')!r}) from the hub"
+    return None
+
+
+def _timm_vision_spec(visual: nn.Module) -> TowerSpec:
+    from .timm import timm_spec
+
+    trunk = visual.trunk
+    head = trunk.head if isinstance(getattr(trunk, "head", None), nn.Module) else None
+    extra = getattr(visual, "head", None)
+
+    def projected(tokens: Tensor) -> Tensor:  # what the tower applies to its pooled token, on every token
+        if head is not None:
+            tokens = head(tokens)
+        return extra(tokens) if isinstance(extra, nn.Module) else tokens
+
+    def read_inputs(args: tuple, kwargs: dict) -> dict:
+        return {"pixels": arg(args, kwargs, "x", 0)}
+
+    return timm_spec(trunk, family="open_clip", start=visual, read_inputs=read_inputs, project=projected)
+
+
+def _vision(visual: nn.Module) -> TowerSpec:
+    return _timm_vision_spec(visual) if hasattr(visual, "trunk") else _vision_spec(visual)
+
+
 def resolve_open_clip(model: nn.Module, tower: str | None) -> TowerSpec | None:
     """Tower description for an open_clip model, or None when ``model`` is not one."""
     if not is_open_clip_model(model):
@@ -145,11 +188,21 @@ def resolve_open_clip(model: nn.Module, tower: str | None) -> TowerSpec | None:
         if tower not in ("vision", "text"):
             raise ValueError(f"tower must be 'vision' or 'text', got {tower!r}")
         if tower == "vision":
-            return _vision_spec(model.visual)
+            return _vision(model.visual)
         if hasattr(model, "text"):  # CustomTextCLIP
             text = model.text
+            if not hasattr(text, "token_embedding"):
+                raise TypeError(
+                    f"{type(model).__name__}: the text tower is {type(text).__name__}, a wrapped transformers model "
+                    f"({type(getattr(text, 'transformer', text)).__name__}); capture it on that model "
+                    "(capture_attention(model.text.transformer, ...)): its pooling and projection are open_clip's"
+                )
             return _text_spec(text, pool_type=text.pool_type, eos_id=getattr(text, "eos_id", None))
         return _text_spec(model, pool_type=model.text_pool_type, eos_id=getattr(model, "text_eos_id", None))
+    if hasattr(model, "trunk") and not has_text:  # TimmModel
+        if tower not in (None, "vision"):
+            raise ValueError(f"tower={tower!r} was asked for, but {type(model).__name__} is a vision tower")
+        return _timm_vision_spec(model)
     if hasattr(model, "conv1") and hasattr(model, "ln_post"):  # VisionTransformer
         if tower not in (None, "vision"):
             raise ValueError(f"tower={tower!r} was asked for, but {type(model).__name__} is a vision tower")

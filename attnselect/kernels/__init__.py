@@ -465,12 +465,14 @@ def rollout(
     head_fusion: str = "mean",
     protect: str = "entry0",
     query: int | Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Multi-layer attention rollout, Triton when the gate allows, else :func:`attnselect.functional.rollout`.
 
     Args and returns: exactly those of :func:`attnselect.functional.rollout` (maps ``[B,H,N,N]`` or ``[B,N,N]`` per
     layer; result ``[B,N,N]``, or ``[B,N]`` with ``query``; fp32). The Triton path is taken for fp32/fp16/bf16 maps
-    of at most 2**15 tokens that need no autograd.
+    of at most 2**15 tokens that need no autograd, with row-index queries and without a padding mask (``valid``);
+    query weights and padded inputs take the reference.
 
     Examples:
         >>> from attnselect import functional
@@ -487,9 +489,13 @@ def rollout(
         and all(a.dtype in _KERNEL_DTYPES for a in maps)
         and maps[0].shape[-1] <= _ROLLOUT_MAX_N
         and not _grad_needed(*maps)
+        and valid is None
+        and not (isinstance(query, Tensor) and query.is_floating_point() and query.dim() == 2)
     )
     if not use:
-        return F.rollout(maps, discard_ratio=discard_ratio, head_fusion=head_fusion, protect=protect, query=query)
+        return F.rollout(
+            maps, discard_ratio=discard_ratio, head_fusion=head_fusion, protect=protect, query=query, valid=valid
+        )
     ratios = F._per_layer_ratios(discard_ratio, len(maps))
     F._check_choice(head_fusion, F.FUSION_MODES, "head_fusion")
     F._check_choice(protect, F.PROTECT_MODES, "protect")

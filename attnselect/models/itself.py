@@ -179,6 +179,14 @@ def build_clip(config: ITSELFConfig) -> nn.Module:
         base = open_clip.get_model_config(config.backbone)
         if base is None:
             raise ValueError(f"backbone: unknown open_clip model config {config.backbone!r}")
+        from ..hooks.open_clip import hub_download_reason
+
+        why = hub_download_reason(base)
+        if why:
+            raise ValueError(
+                f"backbone {config.backbone!r}: {why}; attnselect never downloads. ITSELF builds the backbone as an "
+                "open_clip CLIP from a bundled config (e.g. 'ViT-B-16')"
+            )
         base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     else:
         base = {"vision_cfg": {}, "text_cfg": {}}
