@@ -28,14 +28,21 @@ __all__ = [
     "MaskedBatchNorm1d",
     "MaxPool",
     "MultiLayerRollout",
+    "PruneHandle",
     "TokenAdapter",
     "__version__",
     "capture_attention",
     "functional",
+    "prune",
     "resolve_layers",
 ]
 
-_LAZY_ATTRS = {"capture_attention": "attnselect.hooks", "AttentionCapture": "attnselect.hooks"}
+_LAZY_ATTRS = {
+    "capture_attention": "attnselect.hooks",
+    "AttentionCapture": "attnselect.hooks",
+    "prune": "attnselect.pruning",
+    "PruneHandle": "attnselect.pruning",
+}
 _LAZY_MODULES = ("hooks", "kernels", "models", "losses", "metrics", "data", "viz", "cli")
 
 

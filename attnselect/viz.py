@@ -47,6 +47,7 @@ __all__ = [
     "plot_attention_entropy",
     "plot_inspection",
     "plot_kept_tokens",
+    "plot_pruning_stages",
     "plot_saliency",
     "plot_selection_frequency",
     "plot_token_schedule",
@@ -814,6 +815,57 @@ def plot_kept_tokens(
     fig, ax = _new_figure(_panel_size(*keep.shape), ax)
     _draw_kept(ax, keep, img, dim=_check_alpha(dim), color=color)
     ax.set_title(title if title is not None else f"kept {int(keep.sum())} of {keep.size} patches", fontsize=9)
+    return _finish(fig, save)
+
+
+def plot_pruning_stages(
+    image: Any,
+    kept: Sequence[Tensor | np.ndarray],
+    *,
+    grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    layers: Sequence[int] | None = None,
+    index: int = 0,
+    dim: float = 0.7,
+    color: str = "lime",
+    save: PathLike | None = None,
+) -> Figure:
+    """The tokens :func:`attnselect.prune` kept at each pruning layer, one panel per stage.
+
+    Args:
+        image: the input picture (see :func:`image_to_array`), or None for a plain patch grid.
+        kept: ``PruneHandle.kept``: one ``[B, n_l]`` (or ``[n_l]``) tensor of token positions per pruning layer; -1
+            marks a fused token (``merge=True``), which has no patch and is not drawn.
+        grid: patch grid ``(rows, cols)`` of the input.
+        num_prefix_tokens: tokens before the patches (``PruneHandle.num_prefix_tokens``).
+        layers: the pruning layers, for the panel titles (``PruneHandle.layers``).
+        index: the sample to draw.
+        dim: how much to darken dropped patches; ``color``: outline colour of kept ones.
+        save: write a PNG to this path.
+
+    Returns:
+        The :class:`matplotlib.figure.Figure`.
+
+    Examples:
+        >>> kept = [torch.tensor([[0, 1, 2, 5, 6]]), torch.tensor([[0, 2, 6]])]  # CLS + 4, then CLS + 2 of 6 patches
+        >>> fig = plot_pruning_stages(None, kept, grid=(2, 3), layers=(3, 6))
+        >>> [ax.get_title() for ax in fig.axes]
+        ['block 3: 4 of 6 patches', 'block 6: 2 of 6 patches']
+    """
+    if not kept:
+        raise ValueError("kept is empty: run a forward of the pruned host first")
+    if layers is not None and len(layers) != len(kept):
+        raise ValueError(f"layers has {len(layers)} entries for {len(kept)} stages")
+    img = _image_at(image, index)
+    rows, cols = _check_grid(grid)
+    fig, axes = _new_grid_figure(len(kept), _panel_size(rows, cols))
+    for stage, (ax, positions) in enumerate(zip(axes, kept)):
+        idx = _single(_as_tensor(positions, "kept"), "kept", index)
+        real = idx >= 0
+        keep = kept_patch_mask(idx.clamp(min=0), grid, num_prefix_tokens, real).numpy()
+        _draw_kept(ax, keep, img, dim=_check_alpha(dim), color=color)
+        name = f"block {layers[stage]}" if layers is not None else f"stage {stage + 1}"
+        ax.set_title(f"{name}: {int(keep.sum())} of {keep.size} patches", fontsize=9)
     return _finish(fig, save)
 
 

@@ -4,9 +4,10 @@
 # Sized for under 8 minutes on one H100/H200: each step has a time ceiling; a step that fails or runs out of time is
 # reported and the suite goes on, so one broken step never costs the others.
 #
-# Usage: benchmarks/gpu_suite.sh [--dry-run] [--logs DIR]
+# Usage: benchmarks/gpu_suite.sh [--dry-run] [--logs DIR] [--only STEP,STEP]
 #   --dry-run   list the steps, their ceilings and commands, run nothing (works without a GPU)
 #   --logs DIR  one log per step (default benchmarks/results/gpu_suite)
+#   --only      run only these steps (names as the dry run lists them; the summary always runs)
 # Environment: PYTHON (default python3), ATTNSELECT_BENCH_COMMIT (the commit to record where the tree has no .git).
 # Rows go to benchmarks/results/<op>.csv and the plots are redrawn; the summary table is printed last and appended
 # to benchmarks/results/gpu_summary.csv.
@@ -14,11 +15,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
+ONLY=""
 LOGS=benchmarks/results/gpu_suite
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --logs) LOGS="$2"; shift ;;
+    --only) ONLY=",$2,summary,"; shift ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -41,16 +44,24 @@ if [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi
 # name | ceiling in seconds | command
 STEPS=(
   "env|10|nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
-  "rollout|100|$PY benchmarks/bench_rollout.py --device cuda --skip-compiled"
+  "rollout|70|$PY benchmarks/bench_rollout.py --device cuda --skip-compiled"
   "topk_gather|30|$PY benchmarks/bench_topk_gather.py --device cuda"
-  "capture|35|$PY benchmarks/bench_capture.py --device cuda"
+  "capture|30|$PY benchmarks/bench_capture.py --device cuda"
   "train_step|60|$PY benchmarks/bench_train_step.py --device cuda"
-  "attach|20|$PY benchmarks/bench_attach.py --device cuda"
-  "profile|60|$PY benchmarks/profile_kernels.py --device cuda"
+  "attach|30|$PY benchmarks/bench_attach.py --device cuda"
+  "prune|60|$PY benchmarks/bench_prune.py --device cuda --reps 10"
+  "profile|30|$PY benchmarks/profile_kernels.py --device cuda"
   "kernel_tests|140|$PY -m pytest -q -p no:cacheprovider -m kernels $XDIST tests/test_kernels.py tests/test_kernels_adversarial.py tests/test_kernels_per_sample.py tests/test_kernel_host.py tests/test_compile.py tests/test_cuda_graphs.py"
   "summary|15|$PY benchmarks/gpu_summary.py"
 )
 
+if [ -n "$ONLY" ]; then
+  kept=()
+  for step in "${STEPS[@]}"; do
+    case "$ONLY" in *",${step%%|*},"*) kept+=("$step") ;; esac
+  done
+  STEPS=("${kept[@]}")
+fi
 total=0
 for step in "${STEPS[@]}"; do total=$((total + $(cut -d'|' -f2 <<<"$step"))); done
 echo "gpu suite: ${#STEPS[@]} steps, at most ${total} s, commit $ATTNSELECT_BENCH_COMMIT"

@@ -153,3 +153,15 @@ def test_viz_page_first_example_runs_as_written(offline, isolated):
         exec(compile(block, str(page), "exec"), scope)
     assert scope["cap"].grid == (12, 4)
     assert (isolated / "sal.png").is_file() and (isolated / "kept.png").is_file()
+
+
+def test_prune_page_examples_run_as_written(offline, isolated):
+    """Each ten-line example of docs/prune.md, as a reader would paste it."""
+    page = EXAMPLES.parent / "docs" / "prune.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    examples = [b for b in blocks if "import attnselect as asel" in b and "model(images)" not in b]
+    assert len(examples) == 3, "the page lost an ecosystem example"
+    for block in examples:
+        scope: dict = {"__name__": "prune_page"}
+        exec(compile(block, str(page), "exec"), scope)
+        assert scope["handle"].kept and not scope["handle"].active

@@ -107,3 +107,11 @@ def test_summary_needs_a_device_name_without_cuda(argv: list[str], monkeypatch: 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
         _summary_module().main(argv)
+
+
+def test_only_runs_the_named_steps_and_the_summary():
+    out = subprocess.run(["bash", str(SUITE), "--dry-run", "--only", "prune,capture"], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    names = [line.split()[0] for line in out.stdout.splitlines()[1:]]
+    assert names == ["capture", "prune", "summary"]

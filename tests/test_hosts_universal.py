@@ -19,6 +19,7 @@ from functools import partial
 
 import pytest
 import torch
+from _helpers import SoftmaxRecorder as _Softmax
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -43,20 +44,6 @@ def _perturb(model: nn.Module, seed: int = 1) -> nn.Module:
             if name.endswith("k_bias"):  # EvaAttention's zero key bias: read, not assumed
                 b.add_(torch.randn(b.shape, generator=g) * 0.2)
     return model.eval()
-
-
-class _Softmax(TorchFunctionMode):
-    """Records every softmax computed inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out: list[torch.Tensor] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") == "softmax":
-            self.out.append(out.detach().float().clone())
-        return out
 
 
 def _record_softmax(module: nn.Module, store: dict, key) -> None:

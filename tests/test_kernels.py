@@ -526,16 +526,7 @@ def test_every_kernel_at_awkward_sizes(device: str, b: int, n: int, d: int) -> N
     assert all(torch.equal(o, r) for o, r in zip(out, ref))
 
 
-def _benchmark_module(name: str):
-    """A script module of ``benchmarks/`` (which imports its siblings from its own folder)."""
-    import importlib
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
+from _helpers import benchmark_module as _benchmark_module  # noqa: E402
 
 
 @pytest.mark.kernels

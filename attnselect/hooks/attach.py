@@ -149,15 +149,32 @@ class AttachHandle:
                 if capture.probe is None:
                     raise RuntimeError("query='probe' but the pooling probe did not run in this forward")
                 extra["probe"] = _pad_probe(capture.probe, n_tok)
-        self.bank.last = self.bank(
-            capture.tokens,
-            capture.maps,
+        tokens, maps = capture.tokens, capture.maps
+        survivors = self._pruned_survivors(capture)
+        if survivors is not None:  # the host is pruned: select among the tokens that reached the end
+            tokens, maps = survivors.restrict(tokens, maps)
+            if "padding" in extra:
+                extra["padding"] = survivors.restrict_rows(extra["padding"])
+        out = self.bank(
+            tokens,
+            maps,
             query=query,
             valid=capture.valid if capture.modality == "text" else None,
             exclude=exclude,
             num_layers=self._num_layers,
             **extra,
         )
+        if survivors is not None:
+            out = survivors.to_original(out)
+        self.bank.last = out
+
+    def _pruned_survivors(self, capture: AttentionCapture) -> _Survivors | None:
+        from ..pruning import active_pruner
+
+        pruner = active_pruner(capture._spec.layers_root)
+        if pruner is None or pruner.fwd is not pruner.last or not pruner.last.stages:
+            return None  # not pruned, or no cut in this forward
+        return _Survivors(pruner, capture)
 
     def remove(self) -> None:
         """Remove the hooks (other consumers of the tower keep theirs); the host is left exactly as it was once
@@ -179,6 +196,63 @@ class AttachHandle:
         state = "active" if self.active else "removed"
         layers = self.capture.layers
         return f"AttachHandle({name}, tower={self.tower!r}, layers={layers}, query={self.query!r}, {state})"
+
+
+class _Survivors:
+    """The tokens of a pruned host (:func:`attnselect.prune`) that reached the tower's end, as positions in the host's
+    input sequence: the bank selects among them, from maps restricted to them, and reports original positions."""
+
+    def __init__(self, pruner: Any, capture: AttentionCapture) -> None:
+        self.pruner = pruner
+        final = pruner.last.positions  # [B, n_f], -1 for fused tokens
+        self.real = final >= 0
+        counts = self.real.sum(dim=1)
+        if bool((counts != counts[0]).any()):  # pragma: no cover - every sample keeps the same count
+            raise RuntimeError("pruned samples kept different numbers of tokens")
+        self.positions = final[self.real].view(final.shape[0], -1)  # [B, n_r] ascending
+        self.final = final
+        self.n_original = pruner.last.n_original
+
+    def _index_in(self, set_positions: Tensor | None, device: torch.device) -> Tensor:
+        """Where each survivor sits in a token set given by its original positions (None: the full sequence)."""
+        if set_positions is None:
+            return self.positions
+        batch, n = set_positions.shape
+        size = int(self.positions.max()) + 1 if self.positions.numel() else 1
+        size = max(size, int(set_positions.max()) + 1)
+        lookup = torch.full((batch, size), -1, dtype=torch.long, device=device)
+        real = set_positions >= 0
+        rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, n)
+        slots = torch.arange(n, device=device).unsqueeze(0).expand(batch, n)
+        lookup[rows[real], set_positions[real]] = slots[real]
+        return lookup.gather(1, self.positions)
+
+    def restrict_rows(self, x: Tensor) -> Tensor:
+        index = self._index_in(self.final, x.device)
+        return x.gather(1, index)
+
+    def restrict(self, tokens: Tensor, maps: dict) -> tuple[Tensor, dict]:
+        index = self._index_in(self.final, tokens.device)
+        kept = tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        restricted = {}
+        for layer, m in maps.items():
+            where = self._index_in(self.pruner.positions_at(layer), m.device)
+            rows = where.view(where.shape[0], *([1] * (m.dim() - 3)), -1, 1).expand(*m.shape[:-2], -1, m.shape[-1])
+            m = m.gather(-2, rows)
+            cols = where.view(where.shape[0], *([1] * (m.dim() - 2)), -1).expand(*m.shape[:-1], -1)
+            restricted[layer] = m.gather(-1, cols)
+        return kept, restricted
+
+    def to_original(self, out: Any) -> Any:
+        """Indices into the host's input sequence; saliency over it (0 at pruned tokens)."""
+        import dataclasses
+
+        indices = self.positions.gather(1, out.indices)
+        saliency = out.saliency
+        if self.n_original is not None:
+            full = saliency.new_zeros(saliency.shape[0], max(self.n_original, int(self.positions.max()) + 1))
+            saliency = full.scatter(1, self.positions, saliency)
+        return dataclasses.replace(out, indices=indices, saliency=saliency)
 
 
 def attach_bank(

@@ -34,7 +34,14 @@ from .hf import HFAttentionAdapter, HFLegacyAttentionAdapter, resolve_hf
 from .open_clip import OpenClipAttentionAdapter, resolve_open_clip
 from .timm import TimmAttentionAdapter, TimmRopeAttentionAdapter, resolve_timm
 
-__all__ = ["ADAPTERS", "AttentionCapture", "adapter_for", "capture_attention", "find_attention_layers"]
+__all__ = [
+    "ADAPTERS",
+    "AttentionCapture",
+    "adapter_for",
+    "capture_attention",
+    "find_attention_layers",
+    "find_blocks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +107,33 @@ def _describe_types(root: nn.Module) -> str:
     return ", ".join(shown[:20]) + more
 
 
+def find_blocks(root: nn.Module) -> list[tuple[nn.Module, nn.Module]] | None:
+    """The transformer blocks under ``root`` with the self-attention module of each, in forward order: the children of
+    the longest ``nn.ModuleList``/``nn.Sequential`` whose every child holds an attention module. None without such a
+    stack.
+
+    Examples:
+        >>> from torch import nn
+        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, batch_first=True), num_layers=3)
+        >>> [(type(b).__name__, type(a).__name__) for b, a in find_blocks(enc)][0]
+        ('TransformerEncoderLayer', 'MultiheadAttention')
+    """
+    best: list[tuple[nn.Module, nn.Module]] | None = None
+    for container in root.modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) == 0:
+            continue
+        picks = []
+        for child in container:
+            first = _first_attention(child)
+            if first is None:
+                break
+            picks.append((child, first))
+        else:
+            if best is None or len(picks) > len(best):
+                best = picks
+    return best
+
+
 def find_attention_layers(root: nn.Module) -> list[nn.Module]:
     """The attention module of each transformer block under ``root``, in forward order.
 
@@ -123,19 +157,8 @@ def find_attention_layers(root: nn.Module) -> list[nn.Module]:
         >>> len(layers), type(layers[0]).__name__
         (3, 'MultiheadAttention')
     """
-    best: list[nn.Module] | None = None
-    for container in root.modules():
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) == 0:
-            continue
-        picks = []
-        for child in container:
-            first = _first_attention(child)
-            if first is None:
-                break
-            picks.append(first)
-        else:
-            if best is None or len(picks) > len(best):
-                best = picks
+    blocks = find_blocks(root)
+    best = None if blocks is None else [attention for _, attention in blocks]
     if best is None:
         best = [m for m in root.modules() if _attention_like(m)]
     if not best:
